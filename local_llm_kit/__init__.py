@@ -1,0 +1,67 @@
+"""local_llm_kit: OpenAI's chat completions API over local language models, in-process.
+
+>>> from local_llm_kit import LLMClient
+>>> client = LLMClient()                     # the embedded SmolLM2 135M Instruct
+>>> reply = client.chat.completions.create(messages=[{"role": "user", "content": "Hello!"}])
+"""
+
+from __future__ import annotations
+
+import logging
+
+from local_llm_kit.client import AsyncLLMClient, LLMClient
+from local_llm_kit.errors import (
+    BackendNotAvailableError,
+    GenerationCancelledError,
+    InvalidRequestError,
+    LocalLLMKitError,
+    ModelLoadError,
+    ModelNotFoundError,
+    TemplateError,
+    TokenLimitError,
+)
+from local_llm_kit.models import PACKAGED_MODELS
+from local_llm_kit.streaming import AsyncStream, Stream
+from local_llm_kit.types import (
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    CompletionChunk,
+    CompletionResponse,
+    Delta,
+    FunctionCall,
+    Message,
+    ToolCall,
+    Usage,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PACKAGED_MODELS",
+    "AsyncLLMClient",
+    "AsyncStream",
+    "BackendNotAvailableError",
+    "Choice",
+    "ChoiceLogprobs",
+    "ChunkChoice",
+    "CompletionChunk",
+    "CompletionResponse",
+    "Delta",
+    "FunctionCall",
+    "GenerationCancelledError",
+    "InvalidRequestError",
+    "LLMClient",
+    "LocalLLMKitError",
+    "Message",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "Stream",
+    "TemplateError",
+    "TokenLimitError",
+    "ToolCall",
+    "Usage",
+    "__version__",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

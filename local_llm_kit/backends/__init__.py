@@ -1,0 +1,54 @@
+"""Inference engines behind the :class:`~local_llm_kit.backends.base.Backend` contract.
+
+Each engine lives in its own module and imports its heavy dependency (llama_cpp, torch) only
+when that module is loaded, so ``import local_llm_kit`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from local_llm_kit.backends.base import Backend, ModelInfo
+from local_llm_kit.errors import BackendNotAvailableError, InvalidRequestError
+
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "ModelInfo", "create_backend"]
+
+# backend name -> (module, class, the pip extra that provides its engine)
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "llama.cpp": ("local_llm_kit.backends.llama_cpp", "LlamaCppBackend", "llama-cpp"),
+    "transformers": ("local_llm_kit.backends.transformers", "TransformersBackend", "transformers"),
+}
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Load-time settings shared by all engines (hashable: part of the model-sharing key)."""
+
+    n_ctx: int
+    cache_dir: Path
+    n_threads: int | None = None
+    """CPU threads; None lets the backend pick (physical cores)."""
+    dtype: str | None = None
+    """transformers only: torch dtype name; None picks the backend's default."""
+    device: str | None = None
+    """transformers only: torch device; None picks cuda, then mps, then cpu."""
+
+
+def create_backend(name: str, path: str, options: BackendOptions) -> Backend:
+    """Load ``path`` with the engine called ``name``."""
+    if name not in BACKENDS:
+        raise InvalidRequestError(
+            f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}", param="backend"
+        )
+    module_name, class_name, extra = BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendNotAvailableError(
+            f"the {name!r} backend needs packages that are not installed ({exc}); "
+            f"install them with: pip install 'local-llm-kit[{extra}]'"
+        ) from exc
+    backend_class: type[Backend] = getattr(module, class_name)
+    return backend_class(path, options)  # type: ignore[call-arg]

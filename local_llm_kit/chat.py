@@ -1,0 +1,173 @@
+"""The request path: a validated request in, a response or a stream of chunks out.
+
+render the conversation -> check it fits -> run the decode loop once per choice -> shape.
+Both backends, every output mode and both client flavours (sync, async) go through here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from local_llm_kit.decoding import Finished, GenerationSettings, TextPiece, generate
+from local_llm_kit.engine import Engine
+from local_llm_kit.errors import GenerationCancelledError, InvalidRequestError, TokenLimitError
+from local_llm_kit.output import OutputMode, TextOutput
+from local_llm_kit.request import ChatRequest
+from local_llm_kit.sampling import SamplingParams
+from local_llm_kit.types import (
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    CompletionChunk,
+    CompletionResponse,
+    Delta,
+    TokenLogprob,
+    Usage,
+)
+
+__all__ = ["PreparedChat", "complete", "prepare", "stream"]
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    request: ChatRequest
+    output: OutputMode
+    prompt: list[int]
+    max_tokens: int
+    model_name: str
+
+
+def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
+    structured = {
+        "response_format": request.response_format is not None
+        and request.response_format.get("type") != "text",
+        "tools": request.tools is not None,
+        "tool_choice": request.tool_choice is not None,
+        "parallel_tool_calls": request.parallel_tool_calls is not None,
+        "functions": request.functions is not None,
+        "function_call": request.function_call is not None,
+    }
+    for param, used in structured.items():
+        if used:
+            raise InvalidRequestError(
+                f"{param} is not supported by this version of local_llm_kit", param=param
+            )
+    if request.response_format is not None and set(request.response_format) != {"type"}:
+        raise InvalidRequestError("response_format of type 'text' takes no other keys", param="response_format")
+    return TextOutput()
+
+
+def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedChat:
+    """Render and tokenize the prompt and check it against the context window."""
+    output = select_output_mode(engine, request)
+    messages = output.prepare_messages(request.messages)
+    prompt = engine.encode(messages, tools=output.template_tools)
+    n_ctx = engine.n_ctx
+    room = n_ctx - len(prompt)
+    if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
+        asked = f" plus max_tokens={request.max_tokens}" if request.max_tokens is not None else ""
+        raise TokenLimitError(
+            f"the prompt is {len(prompt)} tokens{asked}, which exceeds the context length of "
+            f"{n_ctx} tokens; shorten the messages, lower max_tokens or raise context_length",
+            prompt_tokens=len(prompt), max_tokens=request.max_tokens, context_length=n_ctx,
+            param="max_tokens" if room > 0 else "messages",
+        )
+    max_tokens = request.max_tokens if request.max_tokens is not None else room
+    return PreparedChat(request, output, prompt, max_tokens, request.model or model_name)
+
+
+def _settings(prepared: PreparedChat, choice_index: int) -> GenerationSettings:
+    r = prepared.request
+    seed = None if r.seed is None else r.seed + choice_index
+    return GenerationSettings(
+        max_tokens=prepared.max_tokens,
+        sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, seed=seed,
+                                presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+                                logit_bias=r.logit_bias),
+        stop=r.stop,
+        top_logprobs=r.top_logprobs if r.logprobs else None,
+    )
+
+
+def _run(engine: Engine, prepared: PreparedChat, index: int,
+         cancel: threading.Event | None) -> Iterator[TextPiece | Finished]:
+    return generate(engine.backend, prepared.prompt, _settings(prepared, index),
+                    constraint=prepared.output.constraint(), cancel=cancel)
+
+
+def _new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | None = None) -> CompletionResponse:
+    choices: list[Choice] = []
+    completion_tokens = 0
+    with engine.lock:
+        for index in range(prepared.request.n):
+            texts: list[str] = []
+            logprobs: list[TokenLogprob] = []
+            finished: Finished | None = None
+            for event in _run(engine, prepared, index, cancel):
+                if isinstance(event, TextPiece):
+                    texts.append(event.text)
+                    logprobs.extend(event.logprobs or ())
+                else:
+                    finished = event
+            if finished is None:  # the cancel event was set
+                raise GenerationCancelledError("generation was cancelled")
+            message, reason = prepared.output.finalize("".join(texts), finished.reason)
+            completion_tokens += finished.completion_tokens
+            choices.append(Choice(index=index, message=message, finish_reason=reason,
+                                  logprobs=ChoiceLogprobs(content=logprobs) if prepared.request.logprobs else None))
+    prompt_tokens = len(prepared.prompt)
+    return CompletionResponse(
+        id=_new_id(), created=int(time.time()), model=prepared.model_name, choices=choices,
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens),
+        system_fingerprint=engine.fingerprint,
+    )
+
+
+def stream(engine: Engine, prepared: PreparedChat,
+           cancel: threading.Event | None = None) -> Iterator[CompletionChunk]:
+    """Chunks of the completion as they are generated; holds the engine lock while running."""
+    chunk_id, created = _new_id(), int(time.time())
+    want_logprobs = prepared.request.logprobs
+
+    def chunk(index: int, delta: Delta, reason: str | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> CompletionChunk:
+        return CompletionChunk(
+            id=chunk_id, created=created, model=prepared.model_name, system_fingerprint=engine.fingerprint,
+            choices=[ChunkChoice(index=index, delta=delta, finish_reason=reason,  # type: ignore[arg-type]
+                                 logprobs=ChoiceLogprobs(content=logprobs) if want_logprobs else None)],
+        )
+
+    completion_tokens = 0
+    with engine.lock:
+        for index in range(prepared.request.n):
+            shaper = prepared.output.stream_shaper()
+            yield chunk(index, Delta(role="assistant", content=""))
+            for event in _run(engine, prepared, index, cancel):
+                if isinstance(event, TextPiece):
+                    deltas = shaper.feed(event.text)
+                    for i, delta in enumerate(deltas):
+                        yield chunk(index, delta, logprobs=event.logprobs if i == 0 else None)
+                    if not deltas and event.logprobs and want_logprobs:
+                        yield chunk(index, Delta(content=""), logprobs=event.logprobs)
+                else:
+                    completion_tokens += event.completion_tokens
+                    deltas, reason = shaper.finish(event.reason)
+                    for delta in deltas:
+                        yield chunk(index, delta)
+                    yield chunk(index, Delta(), reason)
+    if prepared.request.include_usage:
+        prompt_tokens = len(prepared.prompt)
+        yield CompletionChunk(
+            id=chunk_id, created=created, model=prepared.model_name, system_fingerprint=engine.fingerprint,
+            choices=[], usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                    total_tokens=prompt_tokens + completion_tokens),
+        )

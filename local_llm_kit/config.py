@@ -1,0 +1,147 @@
+"""Client settings, resolved as: explicit argument > ``LOCAL_LLM_KIT_*`` environment > default.
+
+=================================  ===================================================
+``LOCAL_LLM_KIT_MODEL_PATH``       default model file or folder, or a folder searched for
+                                   model files named by ``LLMClient(model=...)``
+``LOCAL_LLM_KIT_BACKEND``          ``llama.cpp`` (default) or ``transformers``
+``LOCAL_LLM_KIT_CONTEXT_LENGTH``   context window in tokens (default 2048)
+``LOCAL_LLM_KIT_CACHE_DIR``        converted models and assembled packaged models
+                                   (default ``~/.cache/local_llm_kit``)
+=================================  ===================================================
+
+A malformed environment value raises :class:`~local_llm_kit.errors.InvalidRequestError`
+naming the variable, rather than being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from local_llm_kit.errors import InvalidRequestError
+
+__all__ = ["DEFAULT_BACKEND", "DEFAULT_CONTEXT_LENGTH", "DEFAULT_MODEL", "Settings", "resolve_settings"]
+
+ENV_PREFIX = "LOCAL_LLM_KIT_"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_BACKEND = "llama.cpp"
+DEFAULT_CONTEXT_LENGTH = 2048
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.9
+KNOWN_BACKENDS = ("llama.cpp", "transformers")
+_BACKEND_SPELLINGS = {"llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp", "llamacpp": "llama.cpp",
+                      "llama-cpp": "llama.cpp", "transformers": "transformers", "hf": "transformers"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The fully resolved settings of one client."""
+
+    model: str
+    model_path: str | None
+    backend: str
+    context_length: int
+    temperature: float
+    top_p: float
+    cache_dir: Path
+    n_threads: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(ENV_PREFIX + name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def normalize_backend(value: str, *, source: str) -> str:
+    key = value.strip().lower()
+    if key not in _BACKEND_SPELLINGS:
+        raise InvalidRequestError(
+            f"{source} must be one of {list(KNOWN_BACKENDS)}, got {value!r}", param=source
+        )
+    return _BACKEND_SPELLINGS[key]
+
+
+def check_sampling(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}", param=name)
+    if not low <= float(value) <= high:
+        raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}", param=name)
+    return float(value)
+
+
+def resolve_settings(
+    *,
+    model: str | None,
+    model_path: str | os.PathLike[str] | None,
+    backend: str | None,
+    context_length: int | None,
+    temperature: float,
+    top_p: float,
+    cache_dir: str | os.PathLike[str] | None,
+    n_threads: int | None,
+    dtype: str | None,
+    device: str | None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Combine arguments, environment and defaults into validated :class:`Settings`."""
+    env = os.environ if environ is None else environ
+
+    if backend is not None:
+        resolved_backend = normalize_backend(backend, source="backend")
+    elif (env_backend := _env(env, "BACKEND")) is not None:
+        resolved_backend = normalize_backend(env_backend, source=ENV_PREFIX + "BACKEND")
+    else:
+        resolved_backend = DEFAULT_BACKEND
+
+    if context_length is not None:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 16:
+            raise InvalidRequestError(
+                f"context_length must be an integer >= 16, got {context_length!r}", param="context_length"
+            )
+        resolved_ctx = context_length
+    elif (env_ctx := _env(env, "CONTEXT_LENGTH")) is not None:
+        try:
+            resolved_ctx = int(env_ctx)
+        except ValueError:
+            resolved_ctx = -1
+        if resolved_ctx < 16:
+            raise InvalidRequestError(
+                f"{ENV_PREFIX}CONTEXT_LENGTH must be an integer >= 16, got {env_ctx!r}",
+                param=ENV_PREFIX + "CONTEXT_LENGTH",
+            )
+    else:
+        resolved_ctx = DEFAULT_CONTEXT_LENGTH
+
+    if model_path is not None:
+        resolved_path: str | None = os.fspath(model_path)
+    else:
+        resolved_path = _env(env, "MODEL_PATH")
+
+    if cache_dir is not None:
+        resolved_cache = Path(cache_dir).expanduser()
+    elif (env_cache := _env(env, "CACHE_DIR")) is not None:
+        resolved_cache = Path(env_cache).expanduser()
+    else:
+        resolved_cache = Path.home() / ".cache" / "local_llm_kit"
+
+    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+        raise InvalidRequestError(f"n_threads must be a positive integer, got {n_threads!r}", param="n_threads")
+
+    return Settings(
+        model=model or DEFAULT_MODEL,
+        model_path=resolved_path,
+        backend=resolved_backend,
+        context_length=resolved_ctx,
+        temperature=check_sampling("temperature", temperature, 0.0, 2.0),
+        top_p=check_sampling("top_p", top_p, 0.0, 1.0),
+        cache_dir=resolved_cache,
+        n_threads=n_threads,
+        dtype=dtype,
+        device=device,
+    )

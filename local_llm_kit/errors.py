@@ -1,0 +1,89 @@
+"""Exceptions raised by local_llm_kit.
+
+Every error the library raises on purpose derives from :class:`LocalLLMKitError`::
+
+    LocalLLMKitError
+    ├── ModelNotFoundError        no weights where the model name points (says what was searched)
+    ├── ModelLoadError            weights found but unusable (truncated, wrong format)
+    ├── BackendNotAvailableError  the chosen backend's engine is not installed
+    ├── InvalidRequestError       a parameter is malformed or unsupported (``.param`` names it)
+    │   └── TokenLimitError       the prompt plus ``max_tokens`` does not fit the context
+    ├── TemplateError             the model has no usable chat template
+    └── GenerationCancelledError  a stream was closed or a task cancelled mid-generation
+
+``InvalidRequestError`` also derives from :class:`ValueError`, so code that already catches
+``ValueError`` for bad arguments keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendNotAvailableError",
+    "GenerationCancelledError",
+    "InvalidRequestError",
+    "LocalLLMKitError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "TemplateError",
+    "TokenLimitError",
+]
+
+
+class LocalLLMKitError(Exception):
+    """Base class of every error local_llm_kit raises on purpose."""
+
+
+class ModelNotFoundError(LocalLLMKitError, FileNotFoundError):
+    """No model weights where the model name or path points.
+
+    ``searched`` lists every location that was tried; the message says how to get the model.
+    """
+
+    def __init__(self, message: str, *, searched: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.searched: list[str] = list(searched or [])
+
+
+class ModelLoadError(LocalLLMKitError):
+    """Weights were found but the engine could not load them."""
+
+
+class BackendNotAvailableError(LocalLLMKitError, ImportError):
+    """The requested backend's engine (llama-cpp-python, torch/transformers) is missing."""
+
+
+class InvalidRequestError(LocalLLMKitError, ValueError):
+    """A request or constructor parameter is malformed or not supported.
+
+    ``param`` names the offending parameter (``messages[2].role``, ``response_format``...).
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TokenLimitError(InvalidRequestError):
+    """The prompt, plus the tokens asked for, does not fit the model's context window."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        context_length: int,
+        param: str | None = "messages",
+    ) -> None:
+        super().__init__(message, param=param)
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+
+
+class TemplateError(LocalLLMKitError):
+    """The model has no chat template and no known fallback, or its template failed."""
+
+
+class GenerationCancelledError(LocalLLMKitError):
+    """Generation stopped because its stream was closed or its task was cancelled."""

@@ -1,0 +1,258 @@
+"""Validation of ``chat.completions.create`` arguments into one typed :class:`ChatRequest`.
+
+Every parameter OpenAI's API accepts is either carried into the request or rejected here with
+an :class:`~local_llm_kit.errors.InvalidRequestError` that names it: nothing is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from local_llm_kit.config import check_sampling
+from local_llm_kit.errors import InvalidRequestError
+
+__all__ = ["ChatRequest", "normalize_messages", "validate_request"]
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_MESSAGE_KEYS = {
+    "system": {"role", "content", "name"},
+    "developer": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "tool_calls", "function_call", "refusal"},
+    "tool": {"role", "content", "tool_call_id", "name"},
+    "function": {"role", "content", "name"},
+}
+MAX_STOP_STRINGS = 4
+MAX_N = 16
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated request: every field has its final type and range."""
+
+    messages: tuple[dict[str, Any], ...]
+    model: str | None
+    temperature: float
+    top_p: float
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    stop: tuple[str, ...]
+    seed: int | None
+    n: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float]
+    logprobs: bool
+    top_logprobs: int | None
+    user: str | None
+    response_format: dict[str, Any] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: tuple[dict[str, Any], ...] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+
+def _as_dict(item: Any, where: str) -> dict[str, Any]:
+    if hasattr(item, "model_dump"):  # pydantic models (ours, openai's)
+        item = item.model_dump(exclude_none=True)
+    if not isinstance(item, Mapping):
+        raise InvalidRequestError(f"{where} must be a dict, got {type(item).__name__}", param=where)
+    return dict(item)
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        texts = []
+        for i, part in enumerate(content):
+            part = _as_dict(part, f"{where}[{i}]")
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError(
+                    f"{where}[{i}] has type {part.get('type')!r}; only text parts are supported "
+                    "by local models", param=f"{where}[{i}].type")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequestError(f"{where} must be a string or a list of text parts", param=where)
+
+
+def _normalize_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, Sequence) or isinstance(calls, str):
+        raise InvalidRequestError(f"{where} must be a list", param=where)
+    normalized = []
+    for i, raw in enumerate(calls):
+        call = _as_dict(raw, f"{where}[{i}]")
+        function = _as_dict(call.get("function"), f"{where}[{i}].function")
+        if not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+            raise InvalidRequestError(
+                f"{where}[{i}].function needs string 'name' and 'arguments'", param=f"{where}[{i}].function")
+        normalized.append({"id": str(call.get("id", f"call_{i}")), "type": "function",
+                           "function": {"name": function["name"], "arguments": function["arguments"]}})
+    return normalized
+
+
+def normalize_messages(messages: Any, param: str = "messages") -> list[dict[str, Any]]:
+    """Validate messages; return plain dicts with string content and ``developer`` as ``system``."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidRequestError(f"{param} must be a list of message dicts", param=param)
+    result = []
+    for i, raw in enumerate(messages):
+        where = f"{param}[{i}]"
+        message = _as_dict(raw, where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequestError(f"{where}.role must be one of {list(ROLES)}, got {role!r}",
+                                      param=f"{where}.role")
+        unknown = set(message) - _MESSAGE_KEYS[role]
+        if unknown:
+            raise InvalidRequestError(f"{where} has unsupported keys {sorted(unknown)} for role {role!r}",
+                                      param=f"{where}.{sorted(unknown)[0]}")
+        out: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        content = message.get("content")
+        has_call = bool(message.get("tool_calls") or message.get("function_call"))
+        if content is None and not (role == "assistant" and has_call):
+            raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
+        out["content"] = _content_text(content, f"{where}.content") if content is not None else None
+        if "name" in message:
+            if not isinstance(message["name"], str):
+                raise InvalidRequestError(f"{where}.name must be a string", param=f"{where}.name")
+            out["name"] = message["name"]
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise InvalidRequestError(f"{where}.tool_call_id is required for tool messages",
+                                          param=f"{where}.tool_call_id")
+            out["tool_call_id"] = message["tool_call_id"]
+        if role == "function" and "name" not in out:
+            raise InvalidRequestError(f"{where}.name is required for function messages", param=f"{where}.name")
+        if message.get("tool_calls"):
+            out["tool_calls"] = _normalize_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        if message.get("function_call"):
+            call = _normalize_tool_calls([{"function": message["function_call"]}], f"{where}.function_call")
+            out["function_call"] = call[0]["function"]
+        result.append(out)
+    return result
+
+
+def _optional_int(name: str, value: Any, low: int, high: int | None = None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise InvalidRequestError(f"{name} must be {bound}, got {value}", param=name)
+    return value
+
+
+def _stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError("stop must be a non-empty string or a list of them", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings", param="stop")
+    return tuple(stop)
+
+
+def _logit_bias(bias: Any, n_vocab: int) -> dict[int, float]:
+    if bias is None:
+        return {}
+    if not isinstance(bias, Mapping):
+        raise InvalidRequestError("logit_bias must map token ids to biases", param="logit_bias")
+    result = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= token < n_vocab:
+            raise InvalidRequestError(f"logit_bias token {token} is outside the vocabulary (0..{n_vocab - 1})",
+                                      param="logit_bias")
+        result[token] = check_sampling("logit_bias", value, -100.0, 100.0)
+    return result
+
+
+def _tuple_of_dicts(value: Any, name: str) -> tuple[dict[str, Any], ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise InvalidRequestError(f"{name} must be a non-empty list", param=name)
+    return tuple(_as_dict(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def validate_request(args: dict[str, Any], *, default_temperature: float, default_top_p: float,
+                     n_vocab: int) -> ChatRequest:
+    """Turn ``create()``'s keyword arguments into a :class:`ChatRequest` or raise."""
+    messages = normalize_messages(args["messages"])
+    if not messages:
+        raise InvalidRequestError("messages must contain at least one message", param="messages")
+
+    max_tokens = _optional_int("max_tokens", args.get("max_tokens"), 1)
+    max_completion = _optional_int("max_completion_tokens", args.get("max_completion_tokens"), 1)
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise InvalidRequestError("max_tokens and max_completion_tokens disagree; pass one",
+                                  param="max_completion_tokens")
+    stream = args.get("stream") or False
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("stream must be a boolean", param="stream")
+    stream_options = args.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not stream:
+            raise InvalidRequestError("stream_options is only allowed with stream=True", param="stream_options")
+        options = _as_dict(stream_options, "stream_options")
+        unknown = set(options) - {"include_usage"}
+        if unknown:
+            raise InvalidRequestError(f"stream_options has unsupported keys {sorted(unknown)}",
+                                      param="stream_options")
+        include_usage = bool(options.get("include_usage", False))
+
+    logprobs = args.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise InvalidRequestError("logprobs must be a boolean", param="logprobs")
+    top_logprobs = _optional_int("top_logprobs", args.get("top_logprobs"), 0, 20)
+    if top_logprobs is not None and not logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs=True", param="top_logprobs")
+    user = args.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequestError("user must be a string", param="user")
+    temperature = args.get("temperature")
+    top_p = args.get("top_p")
+    penalty = {name: check_sampling(name, args.get(name) or 0.0, -2.0, 2.0)
+               for name in ("presence_penalty", "frequency_penalty")}
+    parallel = args.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequestError("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
+    model = args.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError("model must be a string", param="model")
+    return ChatRequest(
+        messages=tuple(messages),
+        model=model,
+        temperature=default_temperature if temperature is None else check_sampling("temperature", temperature, 0.0, 2.0),
+        top_p=default_top_p if top_p is None else check_sampling("top_p", top_p, 0.0, 1.0),
+        max_tokens=max_tokens if max_tokens is not None else max_completion,
+        stream=stream,
+        include_usage=include_usage,
+        stop=_stop(args.get("stop")),
+        seed=_optional_int("seed", args.get("seed"), -(2**63), 2**63 - 1),
+        n=_optional_int("n", args.get("n"), 1, MAX_N) or 1,
+        presence_penalty=penalty["presence_penalty"],
+        frequency_penalty=penalty["frequency_penalty"],
+        logit_bias=_logit_bias(args.get("logit_bias"), n_vocab),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs if top_logprobs is not None else (0 if logprobs else None),
+        user=user,
+        response_format=None if args.get("response_format") is None else _as_dict(args["response_format"], "response_format"),
+        tools=_tuple_of_dicts(args.get("tools"), "tools"),
+        tool_choice=args.get("tool_choice"),
+        parallel_tool_calls=parallel,
+        functions=_tuple_of_dicts(args.get("functions"), "functions"),
+        function_call=args.get("function_call"),
+    )

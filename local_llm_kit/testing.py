@@ -1,0 +1,164 @@
+"""Test helpers: a deterministic, weight-free backend for unit tests of code built on local_llm_kit.
+
+:class:`FakeBackend` is a real :class:`~local_llm_kit.backends.base.Backend` over a byte-level
+vocabulary (one token per byte, plus ChatML special tokens). Its "model" answers every turn with
+a scripted reply: after an assistant header it puts all probability mass on the next byte of
+the reply, then on ``<|im_end|>``. Everything above the backend (templates, the decode loop,
+stop strings, streaming, constraints, memory, KV-prefix reuse) runs for real on it.
+
+>>> from local_llm_kit.testing import fake_client
+>>> client = fake_client(reply="Hello there!")
+>>> client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}]).choices[0].message.content
+'Hello there!'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from local_llm_kit.backends import BackendOptions
+from local_llm_kit.backends.base import Backend, ModelInfo
+from local_llm_kit.engine import Engine
+from local_llm_kit.models import ResolvedModel
+
+if TYPE_CHECKING:
+    import llguidance
+
+    from local_llm_kit.client import AsyncLLMClient, LLMClient
+
+__all__ = ["CHATML_TEMPLATE", "FakeBackend", "fake_client"]
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+_ASSISTANT_HEADER = [256 + SPECIAL_TOKENS.index("<|im_start|>"), *b"assistant\n"]
+
+Reply = str | Callable[[str], str]
+
+
+class FakeBackend(Backend):
+    """A byte-level fake model that replies with ``reply`` (a string, or a function of the prompt text).
+
+    ``forward_calls`` records how many tokens each forward pass evaluated, so tests can check
+    KV-prefix reuse. Logits are 0 for the scripted token and -10 for every other token, so
+    sampling at any temperature still produces the script while penalties and biases can move it.
+    """
+
+    name = "fake"
+    END_OF_TURN = 256 + SPECIAL_TOKENS.index("<|im_end|>")
+
+    def __init__(self, reply: Reply = "Hello!", *, n_ctx: int = 2048, chat_template: str | None = CHATML_TEMPLATE,
+                 architecture: str = "fake") -> None:
+        super().__init__()
+        self.reply = reply
+        self._n_ctx = n_ctx
+        self._info = ModelInfo(
+            path="fake", architecture=architecture, n_vocab=256 + len(SPECIAL_TOKENS), n_ctx_train=n_ctx,
+            eos_token_ids=frozenset({256, self.END_OF_TURN}), bos_token="", eos_token="<|im_end|>",
+            chat_template=chat_template,
+        )
+        self.forward_calls: list[int] = []
+        self._llg: llguidance.LLTokenizer | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = []
+        pos = 0
+        for match in _SPECIAL_RE.finditer(text):
+            ids.extend(text[pos:match.start()].encode())
+            ids.append(256 + SPECIAL_TOKENS.index(match.group()))
+            pos = match.end()
+        ids.extend(text[pos:].encode())
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else SPECIAL_TOKENS[token_id - 256].encode()
+
+    def llg_tokenizer(self) -> llguidance.LLTokenizer:
+        if self._llg is None:
+            import llguidance
+
+            backend = self
+
+            class _Vocab:
+                eos_token_id = self.END_OF_TURN
+                bos_token_id = None
+                tokens = [bytes([i]) for i in range(256)] + [b"\xff" + t.encode() for t in SPECIAL_TOKENS]
+                special_token_ids = [256 + i for i in range(len(SPECIAL_TOKENS))]
+
+                def __call__(self, text: bytes) -> list[int]:
+                    return backend.tokenize(text.decode("utf-8", errors="replace"))
+
+            self._llg = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab()))
+        return self._llg
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        if not tokens:
+            raise ValueError("forward needs at least one token")
+        if len(self._cached) + len(tokens) > self._n_ctx:
+            raise ValueError("context overflow")
+        self.forward_calls.append(len(tokens))
+        self._cached.extend(tokens)
+        return self._next_logits()
+
+    def truncate_cache(self, n_keep: int) -> int:
+        del self._cached[n_keep:]
+        return len(self._cached)
+
+    def _next_logits(self) -> np.ndarray:
+        history = self._cached
+        start = _last_header_end(history)
+        logits = np.full(self._info.n_vocab, -10.0, dtype=np.float32)
+        if start is None:
+            logits[self.END_OF_TURN] = 0.0
+            return logits
+        prompt_text = bytes(t for t in history[:start] if t < 256).decode("utf-8", errors="replace")
+        target = (self.reply(prompt_text) if callable(self.reply) else self.reply).encode()
+        produced = history[start:]
+        if len(produced) < len(target) and list(target[: len(produced)]) == produced:
+            logits[target[len(produced)]] = 0.0
+        else:
+            logits[self.END_OF_TURN] = 0.0
+        return logits
+
+
+def _last_header_end(history: Sequence[int]) -> int | None:
+    n = len(_ASSISTANT_HEADER)
+    for end in range(len(history), n - 1, -1):
+        if list(history[end - n:end]) == _ASSISTANT_HEADER:
+            return end
+    return None
+
+
+def fake_engine(backend: FakeBackend | None = None) -> Engine:
+    """An :class:`Engine` over a :class:`FakeBackend`, not registered in the shared engine cache."""
+    backend = backend or FakeBackend()
+    return Engine(ResolvedModel("fake-model", Path("fake"), "fake"), "fake", backend)
+
+
+def fake_client(reply: Reply = "Hello!", *, backend: FakeBackend | None = None, asynchronous: bool = False,
+                **client_kwargs: Any) -> LLMClient | AsyncLLMClient:
+    """A client whose model is a :class:`FakeBackend`; no weights are read."""
+    from local_llm_kit.client import AsyncLLMClient, LLMClient
+
+    engine = fake_engine(backend or FakeBackend(reply))
+    client_class = AsyncLLMClient if asynchronous else LLMClient
+    client = client_class("fake-model", **client_kwargs)
+    client._resolved = engine.model
+    client._engine = engine
+    return client

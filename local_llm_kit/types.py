@@ -1,0 +1,143 @@
+"""Response and chunk models, shaped exactly like OpenAI's chat completion objects.
+
+The JSON of :class:`CompletionResponse` is accepted by ``openai.types.chat.ChatCompletion``
+and that of :class:`CompletionChunk` by ``openai.types.chat.ChatCompletionChunk``; the names
+``CompletionResponse``, ``Choice``, ``Message`` and ``Usage`` are the ones the API reference
+promises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ChoiceLogprobs",
+    "Choice",
+    "ChunkChoice",
+    "CompletionChunk",
+    "CompletionResponse",
+    "Delta",
+    "FunctionCall",
+    "FunctionCallDelta",
+    "Message",
+    "TokenLogprob",
+    "ToolCall",
+    "ToolCallDelta",
+    "TopLogprob",
+    "Usage",
+]
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def __getitem__(self, key: str) -> Any:
+        # Lets code written against dict-shaped responses (response["choices"]) keep working.
+        return getattr(self, key)
+
+
+class FunctionCall(_Model):
+    """A call the model made: ``arguments`` is a JSON string, as OpenAI sends it."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Model):
+    """A chat message produced by the model."""
+
+    role: Literal["assistant", "user", "system", "tool", "function", "developer"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+    function_call: FunctionCall | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class Choice(_Model):
+    index: int
+    message: Message
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None = None
+
+
+class Usage(_Model):
+    """Exact token counts: the rendered prompt and every token the model sampled."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(_Model):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class FunctionCallDelta(_Model):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Model):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+class Delta(_Model):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: str | None = None
+    function_call: FunctionCallDelta | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(_Model):
+    index: int
+    delta: Delta
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class CompletionChunk(_Model):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
