@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from local_llm_kit import structured
 from local_llm_kit.decoding import Finished, GenerationSettings, TextPiece, generate
 from local_llm_kit.engine import Engine
-from local_llm_kit.errors import GenerationCancelledError, InvalidRequestError, TokenLimitError
-from local_llm_kit.output import OutputMode, TextOutput
+from local_llm_kit.errors import GenerationCancelledError, TokenLimitError
+from local_llm_kit.output import OutputMode
 from local_llm_kit.request import ChatRequest
 from local_llm_kit.sampling import SamplingParams
 from local_llm_kit.types import (
@@ -42,23 +43,8 @@ class PreparedChat:
 
 
 def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
-    structured = {
-        "response_format": request.response_format is not None
-        and request.response_format.get("type") != "text",
-        "tools": request.tools is not None,
-        "tool_choice": request.tool_choice is not None,
-        "parallel_tool_calls": request.parallel_tool_calls is not None,
-        "functions": request.functions is not None,
-        "function_call": request.function_call is not None,
-    }
-    for param, used in structured.items():
-        if used:
-            raise InvalidRequestError(
-                f"{param} is not supported by this version of local_llm_kit", param=param
-            )
-    if request.response_format is not None and set(request.response_format) != {"type"}:
-        raise InvalidRequestError("response_format of type 'text' takes no other keys", param="response_format")
-    return TextOutput()
+    """Plain text, or the JSON / tool-call mode the request asks for (see :mod:`local_llm_kit.structured`)."""
+    return structured.select_output_mode(engine, request)
 
 
 def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedChat:

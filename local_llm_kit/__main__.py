@@ -1,0 +1,3 @@
+from local_llm_kit.cli import main
+
+raise SystemExit(main())

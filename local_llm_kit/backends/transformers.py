@@ -1,0 +1,399 @@
+"""The transformers/torch backend: a Hugging Face causal LM behind the Backend contract.
+
+It loads either a Hugging Face model folder (``config.json``, safetensors, tokenizer files) or a
+GGUF file, which is converted once into a cached Hugging Face folder (see
+:mod:`local_llm_kit.backends._hf_convert`) so both backends can serve the same file. Nothing is
+ever downloaded: every ``from_pretrained`` call passes ``local_files_only=True``.
+
+The KV cache is one :class:`transformers.DynamicCache` kept across calls; ``forward`` feeds only
+the new tokens and asks for the last position's logits only (``logits_to_keep=1``), so a prefix
+shared with the previous request is never recomputed and prefill does not materialize a
+``prompt_length x vocabulary`` matrix (1 GB for a 1000-token Gemma prompt in float32).
+
+This module imports torch and transformers at its top: it is only imported when the backend is
+chosen (see :func:`local_llm_kit.backends.create_backend`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from local_llm_kit.backends import BackendOptions
+from local_llm_kit.backends._hf_convert import cached_hf_folder, is_gguf_file
+from local_llm_kit.backends.base import Backend, ModelInfo
+from local_llm_kit.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    TokenLimitError,
+)
+
+if TYPE_CHECKING:
+    import llguidance
+
+__all__ = ["TransformersBackend"]
+
+logger = logging.getLogger(__name__)
+
+# Token texts that end a turn, the list llama.cpp uses to build its end-of-generation set, so that
+# both backends stop on the same tokens (llama.cpp also stops on fill-in-the-middle markers).
+END_OF_TURN_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    "</s>",
+)  # fmt: skip
+DEFAULT_CPU_DTYPE = "bfloat16"
+"""Measured on SmolLM2 here (benchmarks/bench_transformers.py): see TransformersBackend."""
+
+
+class TransformersBackend(Backend):
+    """A Hugging Face causal LM with one KV cache, evaluated token by token.
+
+    Defaults when ``options`` leave them open: ``device`` cuda, else mps, else cpu; ``dtype``
+    bfloat16 on cpu (decodes faster than float32 on these CPUs with the same greedy text; see the
+    README's benchmark table), bfloat16 on cuda where supported, else float16; ``n_threads`` the
+    physical cores this process may run on. ``torch.set_num_threads`` is process-wide, so the last
+    backend loaded sets it for all.
+    """
+
+    name = "transformers"
+
+    def __init__(self, path: str, options: BackendOptions) -> None:
+        super().__init__()
+        self._options = options
+        self._source = Path(path).expanduser()
+        self._device = _pick_device(options.device)
+        self._dtype = _pick_dtype(options.dtype, self._device)
+        torch.set_num_threads(_pick_threads(options.n_threads))
+        self._tokenizer, self._model, folder = self._load()
+        self._model.eval()
+        params = inspect.signature(self._model.forward).parameters
+        # transformers 5 renamed ``past_key_values`` to ``cache``; 4.x only knows the old name.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._logits_kwargs: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._cache = self._new_cache()
+        extra = {"device": str(self._device), "dtype": str(self._dtype).removeprefix("torch."),
+                 "folder": str(folder), "transformers": transformers.__version__}  # fmt: skip
+        self._info = _model_info(self._source, self._tokenizer, self._model, extra)
+        if options.n_ctx > self._info.n_ctx_train:
+            logger.warning(
+                "n_ctx=%d exceeds the %d tokens %s was trained with; quality may degrade past that",
+                options.n_ctx, self._info.n_ctx_train, self._source.name,
+            )  # fmt: skip
+        self._token_bytes: list[bytes] | None = None
+        self._llg: llguidance.LLTokenizer | None = None
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _load(self) -> tuple[Any, Any, Path]:
+        """Load tokenizer and model from the folder the source resolves to.
+
+        A converted GGUF entry that fails to load (its files damaged after it was completed)
+        is removed and converted again, once.
+        """
+        source = self._source
+        if not source.exists():
+            raise ModelNotFoundError(f"no model at {source}", searched=[str(source)])
+        if source.is_dir():
+            if not (source / "config.json").is_file():
+                raise ModelLoadError(f"{source} is a folder without config.json, not a Hugging Face model")
+            return (*self._load_folder(source), source)
+        if not is_gguf_file(source):
+            raise ModelLoadError(
+                f"{source} is neither a GGUF file nor a Hugging Face model folder "
+                "(the transformers backend loads those two)"
+            )
+        cache_root = self._options.cache_dir
+        folder = cached_hf_folder(source, cache_root)
+        try:
+            return (*self._load_folder(folder), folder)
+        except ModelLoadError as exc:
+            logger.warning("converted model %s does not load (%s); converting again", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = cached_hf_folder(source, cache_root)
+            return (*self._load_folder(folder), folder)
+
+    def _load_folder(self, folder: Path) -> tuple[Any, Any]:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=self._dtype, local_files_only=True
+            )
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as exc:  # transformers raises many types, some odd (SafetensorError)
+            raise ModelLoadError(f"transformers could not load {folder}: {exc}") from exc
+        return tokenizer, model.to(self._device)
+
+    def _new_cache(self) -> Any:
+        """An empty cache laid out for the model (sliding-window layers where it has them).
+
+        Sliding-window layers are told to keep their full history (``activate_past_recording``):
+        by default they drop keys older than the window, after which no crop can restore an
+        earlier state and every multi-turn request past the window would be re-evaluated whole.
+        Keeping them costs as much memory as a full-attention layer; attention still only reads
+        the window.
+        """
+        try:
+            cache = DynamicCache(config=self._model.config)
+        except TypeError:  # transformers < 4.56 builds the layout lazily
+            cache = DynamicCache()
+        if hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()
+        return cache
+
+    # -- metadata ---------------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def n_ctx(self) -> int:
+        return self._options.n_ctx
+
+    # -- text <-> tokens --------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._token_bytes is None:
+            self._token_bytes = _token_bytes_table(self._tokenizer, self._info.n_vocab)
+        return self._token_bytes[token_id]
+
+    def llg_tokenizer(self) -> llguidance.LLTokenizer:
+        if self._llg is None:
+            import llguidance.hf
+
+            self._llg = llguidance.hf.from_tokenizer(
+                self._tokenizer, n_vocab=self._info.n_vocab, eos_token=sorted(self._info.eos_token_ids)
+            )
+        return self._llg
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        if len(tokens) == 0:
+            raise InvalidRequestError("forward needs at least one token", param="tokens")
+        total = len(self._cached) + len(tokens)
+        if total > self.n_ctx:
+            raise TokenLimitError(
+                f"{total} tokens do not fit the context of {self.n_ctx}",
+                prompt_tokens=total, max_tokens=None, context_length=self.n_ctx,
+            )  # fmt: skip
+        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._device)
+        try:
+            with torch.inference_mode():
+                output = self._model(
+                    input_ids=input_ids, use_cache=True, **{self._cache_kwarg: self._cache},
+                    **self._logits_kwargs,
+                )  # fmt: skip
+        except BaseException:
+            # Some layers may hold the new tokens and others not: only an empty cache is sure.
+            self._reset_cache()
+            raise
+        self._cached.extend(tokens)
+        return np.asarray(output.logits[0, -1].to(device="cpu", dtype=torch.float32).numpy())
+
+    def truncate_cache(self, n_keep: int) -> int:
+        """Crop the cache to ``n_keep`` tokens where that is exact, else empty it.
+
+        Full-attention layers crop exactly. A sliding-window layer of window ``w`` that holds the
+        keys of positions ``[floor, length)`` can be cropped to ``n`` exactly when it still holds
+        every key that position ``n`` would attend to: ``floor == 0`` or ``n - w + 1 >= floor``.
+        Otherwise the cache is emptied and 0 returned; the decode loop re-evaluates the prefix.
+        """
+        length = len(self._cached)
+        n_keep = max(0, min(n_keep, length))
+        if n_keep == length:
+            return n_keep
+        if n_keep == 0 or not self._can_crop_to(n_keep):
+            logger.debug("cache cannot be cropped to %d of %d tokens; emptying it", n_keep, length)
+            self._reset_cache()
+            return 0
+        self._cache.crop(n_keep - length)  # negative: tokens to remove (both 4.x and 5.x)
+        del self._cached[n_keep:]
+        return n_keep
+
+    def _can_crop_to(self, n_keep: int) -> bool:
+        layers = getattr(self._cache, "layers", None)
+        if layers is None:  # transformers 4.x DynamicCache: full attention only
+            return True
+        for layer in layers:
+            if not getattr(layer, "is_initialized", True):
+                continue
+            if getattr(layer, "is_sliding", False):
+                try:
+                    window = int(layer.sliding_window)
+                    floor = int(layer.cumulative_length) - int(layer.keys.shape[-2])
+                except (AttributeError, TypeError):
+                    return False
+                if floor > 0 and n_keep - window + 1 < floor:
+                    return False
+            elif not isinstance(layer, transformers.cache_utils.DynamicLayer):
+                return False  # an unknown layer kind (linear attention...): do not guess
+        return True
+
+    def _reset_cache(self) -> None:
+        self._cache = self._new_cache()
+        self._cached.clear()
+
+    def close(self) -> None:
+        self._cache = None
+        self._cached.clear()
+        self._model = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def _pick_device(name: str | None) -> torch.device:
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequestError(f"unknown torch device {name!r}: {exc}", param="device") from exc
+
+
+def _pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else getattr(torch, DEFAULT_CPU_DTYPE)
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidRequestError(
+            f"dtype must name a torch floating-point type (float32, bfloat16, float16), not {name!r}",
+            param="dtype",
+        )
+    return dtype
+
+
+def _pick_threads(n_threads: int | None) -> int:
+    """``n_threads`` or the physical cores this process may use (hyperthreads slow matmuls)."""
+    if n_threads is not None:
+        if n_threads < 1:
+            raise InvalidRequestError(f"n_threads must be at least 1, not {n_threads}", param="n_threads")
+        return n_threads
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    logical = os.cpu_count() or allowed
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or logical
+    except ImportError:
+        physical = logical
+    # Scale the affinity set by the machine's physical/logical ratio (2 on hyperthreaded x86).
+    return max(1, min(allowed, round(allowed * physical / logical)))
+
+
+def _model_info(source: Path, tokenizer: Any, model: Any, extra: dict[str, str]) -> ModelInfo:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    output = model.get_output_embeddings()
+    n_vocab = int(output.weight.shape[0]) if output is not None else int(config.vocab_size)
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    eos: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), config.eos_token_id,
+                  tokenizer.eos_token_id):  # fmt: skip
+        if isinstance(value, int):
+            eos.add(value)
+        elif isinstance(value, (list, tuple)):
+            eos.update(int(v) for v in value)
+    eos.update(vocab[text] for text in END_OF_TURN_TEXTS if text in vocab)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: the default one is the chat template
+        template = template.get("default")
+    return ModelInfo(
+        path=str(source),
+        architecture=str(config.model_type),
+        n_vocab=n_vocab,
+        n_ctx_train=int(getattr(config, "max_position_embeddings", 0) or 0),
+        eos_token_ids=frozenset(i for i in eos if 0 <= i < n_vocab),
+        bos_token=tokenizer.bos_token or "",
+        eos_token=tokenizer.eos_token or "",
+        bos_token_id=tokenizer.bos_token_id,
+        chat_template=template or None,
+        extra=extra,
+    )
+
+
+def _token_bytes_table(tokenizer: Any, n_vocab: int) -> list[bytes]:
+    """The bytes of every token id, as llama.cpp's ``token_to_piece`` gives them.
+
+    Vocabulary pieces are mapped back through the tokenizer's decoder: byte-level BPE (GPT-2,
+    SmolLM2) through the inverse of its bytes-to-unicode table; sentencepiece-style vocabularies
+    (Gemma, Llama 2) by turning ``▁`` into a space and byte-fallback pieces ``<0xNN>`` into the
+    byte. Added tokens (special or not) stand for their own text. A decoder's ``Strip`` of the
+    first leading space is not applied: it concerns the start of a text, not a token.
+    Ids past the tokenizer's vocabulary (padded output rows) stand for nothing.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    decoders = _flatten_decoders(spec.get("decoder"))
+    kinds = {d.get("type") for d in decoders}
+    replacements = [
+        (d["pattern"]["String"], d["content"])
+        for d in decoders
+        if d.get("type") == "Replace" and "String" in (d.get("pattern") or {})
+    ]
+    replacements += [(d.get("replacement", "▁"), " ") for d in decoders if d.get("type") == "Metaspace"]
+    byte_decoder = _byte_decoder() if "ByteLevel" in kinds else None
+    byte_fallback = "ByteFallback" in kinds
+
+    def piece_bytes(piece: str) -> bytes:
+        if byte_decoder is not None:
+            return b"".join(byte_decoder.get(c) or c.encode("utf-8") for c in piece)
+        if byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        for old, new in replacements:
+            piece = piece.replace(old, new)
+        return piece.encode("utf-8")
+
+    table = [b""] * n_vocab
+    for piece, token_id in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False).items():
+        if 0 <= token_id < n_vocab:
+            table[token_id] = piece_bytes(piece)
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        if 0 <= token_id < n_vocab:
+            table[token_id] = str(added.content).encode("utf-8")
+    return table
+
+
+def _flatten_decoders(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not decoder:
+        return []
+    if decoder.get("type") == "Sequence":
+        return [d for sub in decoder.get("decoders", []) for d in _flatten_decoders(sub)]
+    return [decoder]
+
+
+def _byte_decoder() -> dict[str, bytes]:
+    """Inverse of GPT-2's bytes-to-unicode table: printable stand-in character -> its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): bytes([b]) for b, c in zip(printable, chars)}
+

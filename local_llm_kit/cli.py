@@ -1,0 +1,137 @@
+"""The ``local-llm-kit`` command: chat, one-shot runs and the list of models.
+
+    local-llm-kit run "Why is the sky blue?"          one answer, streamed
+    local-llm-kit run --json "Hi"                     the raw CompletionResponse as JSON
+    local-llm-kit chat                                interactive, streaming, with memory
+    local-llm-kit models                              packaged and found models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from local_llm_kit.client import LLMClient
+from local_llm_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from local_llm_kit.errors import LocalLLMKitError
+from local_llm_kit.models import list_models
+
+__all__ = ["main"]
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default=None, help="alias, GGUF file or model folder")
+    parser.add_argument("--model-path", default=None, help="weights to load, or a folder to search")
+    parser.add_argument("--backend", default=None, choices=["llama.cpp", "transformers"])
+    parser.add_argument("--context-length", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--system", default=None, help="system message")
+
+
+def _make_client(args: argparse.Namespace) -> LLMClient:
+    client = LLMClient(args.model, model_path=args.model_path, backend=args.backend,
+                       context_length=args.context_length, temperature=args.temperature, top_p=args.top_p)
+    # Model preparation (assembling a packaged model, converting for transformers) reports
+    # its progress on stderr through logging and progress bars.
+    client.load()
+    return client
+
+
+def _stream_reply(client: LLMClient, messages: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    parts: list[str] = []
+    with client.chat.completions.create(messages=messages, stream=True, max_tokens=args.max_tokens,
+                                        seed=args.seed) as stream:
+        for chunk in stream:
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                parts.append(text)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(parts)
+
+
+def _run(args: argparse.Namespace) -> int:
+    client = _make_client(args)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    if args.json:
+        response = client.chat.completions.create(messages=messages, max_tokens=args.max_tokens, seed=args.seed)
+        print(response.model_dump_json(indent=2))
+    else:
+        _stream_reply(client, messages, args)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    client = _make_client(args)
+    history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"Chatting with {client.model} ({client.settings.backend}). Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            return 0
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _stream_reply(client, history, args)
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            history.pop()
+            print()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def _models(args: argparse.Namespace) -> int:
+    rows = list_models(args.model_path)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        state = "installed" if row["installed"] else f"not installed ({row['install']})"
+        print(f"{row['name']:<28} {state:<20} {row['description']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="local-llm-kit", description="Local language models, OpenAI-style.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer one prompt")
+    _client_options(run)
+    run.add_argument("prompt")
+    run.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    run.set_defaults(handler=_run)
+    chat = sub.add_parser("chat", help="interactive chat")
+    _client_options(chat)
+    chat.set_defaults(handler=_chat)
+    models = sub.add_parser("models", help="list packaged and found models")
+    models.add_argument("--model-path", default=None)
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(handler=_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except LocalLLMKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

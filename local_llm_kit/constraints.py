@@ -1,0 +1,348 @@
+"""Grammars for structured output, compiled once per content, applied as per-token masks.
+
+Every structured mode (JSON output, tool calls) becomes one llguidance grammar: a JSON Schema
+for ``response_format``, a Lark grammar with inline ``%json`` schemas for tool calls
+(built in :mod:`local_llm_kit.tools`). A grammar is compiled for the model's tokenizer once
+and kept in a small LRU cache keyed by its text, so a request that repeats a schema or a tool
+set pays only a matcher copy (microseconds) instead of a compile (milliseconds to seconds).
+
+:class:`GrammarConstraint` implements the decode loop's
+:class:`~local_llm_kit.decoding.Constraint`. Its cost per token is kept small because:
+
+* the loop first asks :meth:`~GrammarConstraint.allows` whether the sampled token is fine —
+  one lexer step — and only builds the full vocabulary mask when the grammar rejects it. A full
+  mask over free text on a 262k vocabulary costs milliseconds; the check costs microseconds;
+* a mask, when needed, is computed straight into a preallocated int32 bitmask and applied
+  with a sparse scatter when few tokens are allowed (the usual case inside JSON) or one
+  vectorised ``copyto`` otherwise, never ``llguidance.numpy``'s ``np.repeat`` kernel;
+* forced continuations (``{"name": "``, closing brackets, required keys) come from
+  ``compute_ff_tokens`` and are evaluated in one forward pass without sampling.
+
+JSON is generated compactly with ``", "`` and ``": "`` separators (the form ``json.dumps``
+writes and models have seen most), and no free whitespace, which would let a small model loop
+on newlines until ``max_tokens``. A schema may override this with its own ``x-guidance`` key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import llguidance
+import llguidance.numpy as llg_numpy
+import numpy as np
+
+from local_llm_kit.errors import InvalidRequestError
+
+__all__ = [
+    "JSON_OPTIONS",
+    "CallSyntax",
+    "CompiledGrammar",
+    "ConstraintStats",
+    "GrammarCache",
+    "GrammarConstraint",
+    "grammar_cache",
+    "inline_json",
+    "json_schema_grammar",
+    "lark_string",
+    "regex_escape",
+    "tool_call_grammar",
+]
+
+logger = logging.getLogger(__name__)
+
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""How generated JSON is laid out (see the module docstring)."""
+
+# Characters with a meaning in llguidance's (Rust) regex syntax, plus the Lark delimiter.
+_REGEX_META = set("\\.+*?()|[]{}^$#&-~/")
+
+
+def lark_string(text: str) -> str:
+    """``text`` as a Lark string literal (llguidance reads these with JSON escapes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def regex_escape(text: str) -> str:
+    """``text`` as a literal inside a Lark ``/regex/`` (Python's re.escape targets another dialect)."""
+    controls = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return "".join(controls.get(c) or ("\\" + c if c in _REGEX_META else c) for c in text)
+
+
+def _with_layout(schema: Mapping[str, Any] | bool) -> dict[str, Any] | bool:
+    if isinstance(schema, bool):
+        return schema
+    result = dict(schema)
+    result["x-guidance"] = {**JSON_OPTIONS, **dict(schema.get("x-guidance") or {})}
+    return result
+
+
+def json_schema_grammar(schema: Mapping[str, Any] | bool) -> str:
+    """The llguidance grammar for JSON matching ``schema``, in the compact layout."""
+    return str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS))
+
+
+def inline_json(schema: Mapping[str, Any] | bool) -> str:
+    """A ``%json`` non-terminal for a Lark grammar, in the compact layout."""
+    return "%json " + json.dumps(_with_layout(schema), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    """The fixed text around one call, as grammar terminals (see :class:`local_llm_kit.tools.CallFormat`)."""
+
+    open: str
+    close: str
+    separator: str | None
+    args_key: str
+    open_token: int | None = None
+    """Set when ``open`` is one special token of the model (written ``<[id]>`` in the grammar)."""
+    close_token: int | None = None
+
+
+def tool_call_grammar(tools: Sequence[tuple[str, Mapping[str, Any]]], syntax: CallSyntax, *,
+                      content: Literal["text", "json", "none", "forbid"], parallel: bool,
+                      content_schema: Mapping[str, Any] | None = None) -> str:
+    """A Lark grammar for a reply made of tool calls, optionally after (or instead of) content.
+
+    ``content``: "none" means calls only; "text" free text, then optionally calls; "json" a JSON
+    value matching ``content_schema`` or calls; "forbid" free text in which no call can start.
+    Each call is ``open {"name": "<one of tools>", "<args_key>": <its schema>} close``.
+    """
+    open_ = f"<[{syntax.open_token}]>" if syntax.open_token is not None else lark_string(syntax.open)
+    close = f"<[{syntax.close_token}]>" if syntax.close_token is not None else lark_string(syntax.close)
+    many = parallel and syntax.separator is not None
+    rest = f" ({lark_string(syntax.separator or '')} {open_} body {close})*" if many else ""
+    if syntax.open_token is not None:  # free text cannot produce a special token: no lookahead needed
+        text_rule, head_rule, with_calls = "TEXT: /(?s:.+)/", None, "TEXT? calls"
+    else:
+        marker = regex_escape(syntax.open)
+        text_rule = f"TEXT: /(?s:.+)/ & ~/(?s:.*){marker}(?s:.*)/"
+        # Lazy: the text ends at the first marker, which the call then continues.
+        head_rule, with_calls = f"head[lazy]: /(?s:.*){marker}/", f"head body {close}{rest}"
+    lines = ["%llguidance {}"]
+    if content == "forbid":
+        return "\n".join([*lines, "start: TEXT?", text_rule])
+    if content == "none":
+        lines.append("start: calls")
+    elif content == "text":
+        lines += [f"start: TEXT | {with_calls}", text_rule]
+        if head_rule is not None:
+            lines.append(head_rule)
+    else:
+        lines += ["start: content | calls", f"content: {inline_json(content_schema or {'type': 'object'})}"]
+    if content != "text" or head_rule is None:
+        lines.append(f"calls: {open_} body {close}{rest}")
+    lines.append("body: " + " | ".join(f"fn{i}" for i in range(len(tools))))
+    for i, (name, schema) in enumerate(tools):
+        head = lark_string(f'{{"name": "{name}", "{syntax.args_key}": ')
+        lines += [f'fn{i}: {head} args{i} "}}"', f"args{i}: {inline_json(schema)}"]
+    return "\n".join(lines)
+
+
+class CompiledGrammar:
+    """A grammar compiled for one tokenizer; hands out fresh matchers cheaply."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, matcher: llguidance.LLMatcher,
+                 compile_seconds: float) -> None:
+        self.tokenizer = tokenizer
+        self.grammar = grammar
+        self.compile_seconds = compile_seconds
+        self._prototype = matcher
+
+    def matcher(self) -> llguidance.LLMatcher:
+        """A matcher at the grammar's start (a copy of the compiled prototype, ~5 µs)."""
+        return self._prototype.deep_copy()
+
+
+class GrammarCache:
+    """Compiled grammars keyed by (tokenizer, grammar text); failures are remembered too."""
+
+    def __init__(self, max_entries: int = 128) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, str], tuple[llguidance.LLTokenizer, CompiledGrammar | str]] = (
+            OrderedDict())
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def compile(self, tokenizer: llguidance.LLTokenizer, grammar: str, *, param: str) -> CompiledGrammar:
+        """The compiled grammar, or :class:`InvalidRequestError` naming ``param`` with the engine's reason."""
+        key = (id(tokenizer), grammar)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if entry is None:
+            entry = (tokenizer, self._build(tokenizer, grammar))
+            with self._lock:
+                self.misses += 1
+                self._entries[key] = entry  # the tokenizer is kept alive, so its id stays unique
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        result = entry[1]
+        if isinstance(result, str):
+            raise InvalidRequestError(f"{param} cannot be enforced: {result}", param=param)
+        return result
+
+    @staticmethod
+    def _build(tokenizer: llguidance.LLTokenizer, grammar: str) -> CompiledGrammar | str:
+        started = time.perf_counter()
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        seconds = time.perf_counter() - started
+        if matcher.is_error():
+            error = matcher.get_error().strip()
+            logger.debug("grammar rejected in %.1f ms: %s", seconds * 1e3, error)
+            return _short_error(error)
+        logger.debug("grammar compiled in %.1f ms", seconds * 1e3)
+        return CompiledGrammar(tokenizer, grammar, matcher, seconds)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+
+def _short_error(error: str) -> str:
+    # llguidance appends the whole grammar after the reason; users need the reason.
+    return error.split("\n<state>")[0].split("\n<grammar>")[0].strip()
+
+
+grammar_cache = GrammarCache()
+"""The process-wide cache every request compiles through."""
+
+
+@dataclass
+class ConstraintStats:
+    """Per-token timings of one constrained generation (for benchmarks; off by default)."""
+
+    step_seconds: list[float] = field(default_factory=list)
+    """Constraint time per sampled token: the check, any mask, the consume and fast-forward."""
+    mask_seconds: list[float] = field(default_factory=list)
+    """Time of each full mask that had to be built (computing plus applying it)."""
+    forced_tokens: int = 0
+    sampled_tokens: int = 0
+
+
+class GrammarConstraint:
+    """Keeps one generation inside a grammar (the decode loop's ``Constraint``).
+
+    ``n_vocab`` is the length of the logits the backend returns; it may differ from the
+    tokenizer's vocabulary (padded embedding matrices): logits past the vocabulary are never
+    allowed, vocabulary entries past the logits are ignored. End-of-sequence tokens are allowed
+    exactly when the grammar may end; ``eos_token_ids`` are the backend's (the loop stops on
+    them), and end tokens only the grammar's tokenizer knows are never allowed.
+    """
+
+    stats: ConstraintStats | None = None
+    """Set (on the class) to a :class:`ConstraintStats` to record timings of later generations."""
+
+    def __init__(self, compiled: CompiledGrammar, n_vocab: int, eos_token_ids: Collection[int]) -> None:
+        self._matcher = compiled.matcher()
+        vocab = compiled.tokenizer.vocab_size
+        self._n_vocab = n_vocab
+        self._n = min(vocab, n_vocab)
+        self._bitmask = llg_numpy.allocate_token_bitmask(1, vocab)
+        self._words = self._bitmask[0]
+        self._bytes = self._words.view(np.uint8)
+        grammar_eos = set(compiled.tokenizer.eos_tokens)
+        backend_eos = {t for t in eos_token_ids if 0 <= t < n_vocab}
+        self._eos = frozenset(backend_eos)
+        self._extra_eos = np.array(sorted(backend_eos - grammar_eos), dtype=np.int64)
+        self._foreign_eos = np.array(sorted(t for t in grammar_eos - backend_eos if t < self._n), dtype=np.int64)
+        self._forced_first = self._take_forced()
+        self._stats = GrammarConstraint.stats
+        self._step_started: float | None = None
+
+    def _take_forced(self) -> list[int]:
+        forced = list(self._matcher.compute_ff_tokens())
+        for i, token in enumerate(forced):
+            if token in self._eos:
+                return forced[:i]
+        return forced
+
+    def _check(self) -> None:
+        if self._matcher.is_error():
+            raise RuntimeError(f"constrained decoding failed: {_short_error(self._matcher.get_error())}")
+
+    # -- the Constraint protocol ------------------------------------------------------------
+    def allows(self, token: int) -> bool:
+        """Whether ``token`` may come next; a lexer step, far cheaper than a full mask."""
+        if self._stats is not None and self._step_started is None:
+            self._step_started = time.perf_counter()
+        if self._forced_first:
+            return token == self._forced_first[0]
+        if token in self._eos:
+            return self._matcher.is_accepting()
+        if token >= self._n:
+            return False
+        return bool(self._matcher.validate_tokens([token]) == 1)
+
+    def mask_logits(self, logits: np.ndarray) -> None:
+        """Set every token the grammar forbids now to ``-inf``, in place."""
+        started = time.perf_counter()
+        if self._stats is not None and self._step_started is None:
+            self._step_started = started
+        if self._forced_first:
+            keep = logits[self._forced_first[0]]
+            logits.fill(-np.inf)
+            logits[self._forced_first[0]] = keep
+            return
+        saved_eos = logits[self._extra_eos] if self._extra_eos.size else None
+        llg_numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
+        self._check()
+        self._apply(logits)
+        if saved_eos is not None:
+            logits[self._extra_eos] = saved_eos if self._matcher.is_accepting() else -np.inf
+        if self._foreign_eos.size:
+            logits[self._foreign_eos] = -np.inf
+        if self._stats is not None:
+            self._stats.mask_seconds.append(time.perf_counter() - started)
+
+    def _apply(self, logits: np.ndarray) -> None:
+        n = self._n
+        allowed_words = np.flatnonzero(self._words)
+        if allowed_words.size * 128 < n:
+            # Few tokens allowed (inside JSON, almost always): gather them, blank the rest.
+            bits = np.unpackbits(self._words[allowed_words].view(np.uint8), bitorder="little").reshape(-1, 32)
+            rows, cols = np.nonzero(bits)
+            ids = allowed_words[rows] * 32 + cols
+            ids = ids[ids < n]
+            keep = logits[ids]
+            logits.fill(-np.inf)
+            logits[ids] = keep
+            return
+        bits = np.unpackbits(self._bytes, count=n, bitorder="little")
+        np.copyto(logits[:n], -np.inf, where=bits == 0)
+        if logits.shape[0] > n:
+            logits[n:] = -np.inf
+
+    def consume(self, token: int) -> list[int]:
+        """Advance past ``token``; return the forced continuation, already consumed."""
+        if self._forced_first:
+            self._forced_first.pop(0)
+        if not self._matcher.consume_token(token):
+            self._check()
+            raise RuntimeError(f"constrained decoding failed: token {token} was not allowed")
+        forced = self._take_forced()
+        if forced and not self._matcher.consume_tokens(forced):
+            self._check()
+        self._forced_first = []
+        if self._stats is not None:
+            self._stats.sampled_tokens += 1
+            self._stats.forced_tokens += len(forced)
+            if self._step_started is not None:
+                self._stats.step_seconds.append(time.perf_counter() - self._step_started)
+            self._step_started = None
+        return forced
+
+    def is_complete(self) -> bool:
+        """True once the grammar allows nothing but ending."""
+        return bool(self._matcher.is_stopped())
