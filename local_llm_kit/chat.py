@@ -30,7 +30,7 @@ from local_llm_kit.types import (
     Usage,
 )
 
-__all__ = ["PreparedChat", "complete", "prepare", "stream"]
+__all__ = ["PreparedChat", "complete", "encode_request", "prepare", "stream"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,16 @@ def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
     return structured.select_output_mode(engine, request)
 
 
-def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedChat:
-    """Render and tokenize the prompt and check it against the context window."""
+def encode_request(engine: Engine, request: ChatRequest) -> tuple[OutputMode, list[int]]:
+    """The output mode of a request and the exact prompt token ids it feeds the model."""
     output = select_output_mode(engine, request)
     messages = output.prepare_messages(request.messages)
-    prompt = engine.encode(messages, tools=output.template_tools)
+    return output, engine.encode(messages, tools=output.template_tools)
+
+
+def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedChat:
+    """Render and tokenize the prompt and check it against the context window."""
+    output, prompt = encode_request(engine, request)
     n_ctx = engine.n_ctx
     room = n_ctx - len(prompt)
     if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
@@ -106,6 +111,8 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
             if finished is None:  # the cancel event was set
                 raise GenerationCancelledError("generation was cancelled")
             message, reason = prepared.output.finalize("".join(texts), finished.reason)
+            if message.content is not None and not message.tool_calls and not message.function_call:
+                engine.remember_generation(message.content, finished.token_ids)
             completion_tokens += finished.completion_tokens
             choices.append(Choice(index=index, message=message, finish_reason=reason,
                                   logprobs=ChoiceLogprobs(content=logprobs) if prepared.request.logprobs else None))
@@ -137,8 +144,10 @@ def stream(engine: Engine, prepared: PreparedChat,
         for index in range(prepared.request.n):
             shaper = prepared.output.stream_shaper()
             yield chunk(index, Delta(role="assistant", content=""))
+            texts: list[str] = []
             for event in _run(engine, prepared, index, cancel):
                 if isinstance(event, TextPiece):
+                    texts.append(event.text)
                     deltas = shaper.feed(event.text)
                     for i, delta in enumerate(deltas):
                         yield chunk(index, delta, logprobs=event.logprobs if i == 0 else None)
@@ -146,6 +155,9 @@ def stream(engine: Engine, prepared: PreparedChat,
                         yield chunk(index, Delta(content=""), logprobs=event.logprobs)
                 else:
                     completion_tokens += event.completion_tokens
+                    message, _ = prepared.output.finalize("".join(texts), event.reason)
+                    if message.content is not None and not message.tool_calls and not message.function_call:
+                        engine.remember_generation(message.content, event.token_ids)
                     deltas, reason = shaper.finish(event.reason)
                     for delta in deltas:
                         yield chunk(index, delta)

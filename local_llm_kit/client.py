@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal, overload
 
 from local_llm_kit import chat as chat_path
@@ -24,13 +26,16 @@ from local_llm_kit.config import (
     resolve_settings,
 )
 from local_llm_kit.engine import Engine, get_engine
-from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.errors import InvalidRequestError, TokenLimitError
+from local_llm_kit.memory import ConversationMemory
 from local_llm_kit.models import ResolvedModel, resolve_model
 from local_llm_kit.request import ChatRequest, normalize_messages, validate_request
-from local_llm_kit.streaming import AsyncStream, Stream
-from local_llm_kit.types import CompletionChunk, CompletionResponse
+from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
+from local_llm_kit.types import CompletionChunk, CompletionResponse, Message
 
 __all__ = ["AsyncLLMClient", "LLMClient"]
+
+logger = logging.getLogger(__name__)
 
 # Parameters of OpenAI's API (and its Python client) that a local model cannot honour.
 # Passing one with a value other than None raises instead of being dropped.
@@ -65,6 +70,7 @@ class _BaseClient:
         self._resolved: ResolvedModel | None = None
         self._engine: Engine | None = None
         self._load_lock = threading.Lock()
+        self._memory: ConversationMemory | None = None
 
     # -- model ----------------------------------------------------------------------------
     @property
@@ -102,8 +108,69 @@ class _BaseClient:
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]],
                      tools: Sequence[Mapping[str, Any]] | None = None) -> int:
-        """Tokens the model would be fed for ``messages`` (chat template and generation prompt included)."""
-        return len(self.engine.encode(normalize_messages(messages), tools=tools))
+        """Exactly the ``prompt_tokens`` that ``create(messages=..., tools=...)`` reports.
+
+        The real chat template is rendered (tools and generation prompt included) and tokenized
+        by the model's tokenizer. Memory is not added: pass the history to count it.
+        """
+        request = ChatRequest.for_counting(normalize_messages(messages),
+                                           [dict(t) for t in tools] if tools else None)
+        return len(chat_path.encode_request(self.engine, request)[1])
+
+    # -- memory ---------------------------------------------------------------------------
+    def enable_memory(self, max_tokens: int = 1000) -> None:
+        """Remember the conversation across ``create()`` calls, within ``max_tokens`` model tokens.
+
+        Enabling again changes the budget and keeps what is remembered (trimmed to it).
+        """
+        if self._memory is None:
+            self._memory = ConversationMemory(max_tokens, self._count_history)
+        else:
+            self._memory.max_tokens = ConversationMemory(max_tokens, self._count_history).max_tokens
+            self._memory.replace(self._memory.messages)
+
+    def disable_memory(self) -> None:
+        """Stop remembering; what was remembered is dropped."""
+        self._memory = None
+
+    @property
+    def memory_enabled(self) -> bool:
+        return self._memory is not None
+
+    @property
+    def memory(self) -> list[dict[str, Any]]:
+        """A copy of the remembered messages (empty when memory is off)."""
+        return self._memory.messages if self._memory is not None else []
+
+    def add_to_memory(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """Remember ``messages`` as if they had been exchanged (validated first; trimmed to the budget)."""
+        memory = self._require_memory("add_to_memory")
+        memory.add(normalize_messages(messages))
+
+    def clear_memory(self) -> None:
+        """Forget every remembered message (memory stays on)."""
+        if self._memory is not None:
+            self._memory.clear()
+
+    def save_memory(self, path: str | os.PathLike[str]) -> None:
+        """Write the remembered messages and the budget to a JSON file."""
+        self._require_memory("save_memory").save(path)
+
+    def load_memory(self, path: str | os.PathLike[str]) -> None:
+        """Replace the remembered messages with those saved in ``path`` (enabling memory if off)."""
+        max_tokens, raw = ConversationMemory.read(path)
+        messages = normalize_messages(raw, param="memory")
+        if self._memory is None:
+            self._memory = ConversationMemory(max_tokens, self._count_history)
+        self._memory.replace(messages)
+
+    def _require_memory(self, method: str) -> ConversationMemory:
+        if self._memory is None:
+            raise InvalidRequestError(f"{method}() needs memory: call enable_memory() first", param="memory")
+        return self._memory
+
+    def _count_history(self, messages: Sequence[dict[str, Any]]) -> int:
+        return len(chat_path.encode_request(self.engine, ChatRequest.for_counting(messages))[1])
 
     def _validate(self, args: dict[str, Any], unsupported: Mapping[str, Any]) -> tuple[Engine, ChatRequest]:
         for name, value in unsupported.items():
@@ -126,7 +193,35 @@ class _Completions:
 
     def _prepare(self, args: dict[str, Any], unsupported: Mapping[str, Any]) -> tuple[Engine, chat_path.PreparedChat]:
         engine, request = self._client._validate(args, unsupported)
-        return engine, chat_path.prepare(engine, request, self._client.model)
+        memory = self._client._memory
+        if memory is None:
+            return engine, chat_path.prepare(engine, request, self._client.model)
+        # The remembered history goes first, trimmed further (oldest turns first) when the
+        # whole prompt would not fit the context; a new system message replaces the old one.
+        new = list(request.messages)
+        replaces_system = any(m["role"] == "system" for m in new)
+        error: TokenLimitError | None = None
+        for dropped, history in enumerate(memory.candidates()):
+            if replaces_system:
+                history = [m for m in history if m["role"] != "system"]
+                new = [m for m in new if m["role"] == "system"] + [m for m in new if m["role"] != "system"]
+            try:
+                prepared = chat_path.prepare(engine, replace(request, messages=tuple(history + new)),
+                                             self._client.model)
+            except TokenLimitError as exc:
+                error = exc
+                continue
+            if dropped:
+                logger.info("memory: left out the %d oldest turns to fit the context", dropped)
+            return engine, prepared
+        assert error is not None
+        raise error
+
+    def _remember(self, new_messages: Sequence[dict[str, Any]], reply: Message) -> None:
+        """After a successful call: the new messages and the reply join the memory."""
+        memory = self._client._memory
+        if memory is not None:
+            memory.add([*new_messages, *normalize_messages([reply.model_dump(exclude_none=True)])])
 
 
 class Completions(_Completions):
@@ -175,9 +270,14 @@ class Completions(_Completions):
         args = dict(locals())
         args.pop("self"), args.pop("unsupported"), args.pop("__class__", None)
         engine, prepared = self._prepare(args, unsupported)
+        new_messages = normalize_messages(args["messages"])
         if prepared.request.stream:
-            return Stream(chat_path.stream(engine, prepared))
-        return chat_path.complete(engine, prepared)
+            collector = ReplyCollector()
+            return Stream(collector.watch(chat_path.stream(engine, prepared)),
+                          on_complete=lambda: self._remember(new_messages, collector.message()))
+        response = chat_path.complete(engine, prepared)
+        self._remember(new_messages, response.choices[0].message)
+        return response
 
 
 class AsyncCompletions(_Completions):
@@ -198,14 +298,19 @@ class AsyncCompletions(_Completions):
             raise InvalidRequestError("messages is required", param="messages")
         # Loading and tokenizing may take a while on first use: keep them off the loop too.
         engine, prepared = await asyncio.to_thread(self._prepare, args, kwargs)
+        new_messages = normalize_messages(args["messages"])
         if prepared.request.stream:
-            return AsyncStream(lambda cancel: chat_path.stream(engine, prepared, cancel))
+            collector = ReplyCollector()
+            return AsyncStream(lambda cancel: collector.watch(chat_path.stream(engine, prepared, cancel)),
+                               on_complete=lambda: self._remember(new_messages, collector.message()))
         worker = asyncio.ensure_future(asyncio.to_thread(chat_path.complete, engine, prepared, cancel))
         try:
-            return await asyncio.shield(worker)
+            response = await asyncio.shield(worker)
         except asyncio.CancelledError:
             cancel.set()  # the worker stops before its next token
             raise
+        self._remember(new_messages, response.choices[0].message)
+        return response
 
 
 _CREATE_PARAMETERS = tuple(

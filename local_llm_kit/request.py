@@ -20,7 +20,7 @@ _MESSAGE_KEYS = {
     "system": {"role", "content", "name"},
     "developer": {"role", "content", "name"},
     "user": {"role", "content", "name"},
-    "assistant": {"role", "content", "name", "tool_calls", "function_call", "refusal"},
+    "assistant": {"role", "content", "name", "tool_calls", "function_call", "refusal", "annotations", "audio"},
     "tool": {"role", "content", "tool_call_id", "name"},
     "function": {"role", "content", "name"},
 }
@@ -54,6 +54,15 @@ class ChatRequest:
     parallel_tool_calls: bool | None = None
     functions: tuple[dict[str, Any], ...] | None = None
     function_call: str | dict[str, Any] | None = None
+
+    @classmethod
+    def for_counting(cls, messages: Sequence[dict[str, Any]],
+                     tools: Sequence[dict[str, Any]] | None = None) -> ChatRequest:
+        """A request that only renders ``messages`` (and ``tools``): for exact token counts."""
+        return cls(messages=tuple(messages), model=None, temperature=0.0, top_p=1.0, max_tokens=None,
+                   stream=False, include_usage=False, stop=(), seed=None, n=1, presence_penalty=0.0,
+                   frequency_penalty=0.0, logit_bias={}, logprobs=False, top_logprobs=None, user=None,
+                   tools=_tuple_of_dicts(tools, "tools"))
 
 
 def _as_dict(item: Any, where: str) -> dict[str, Any]:

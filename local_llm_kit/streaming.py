@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Generic, TypeVar
 
-__all__ = ["AsyncStream", "Stream"]
+from local_llm_kit.types import CompletionChunk, FunctionCall, Message, ToolCall
+
+__all__ = ["AsyncStream", "ReplyCollector", "Stream"]
 
 T = TypeVar("T")
 _DONE = object()
@@ -133,3 +135,48 @@ class AsyncStream(Generic[T]):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
+
+
+class ReplyCollector:
+    """Rebuilds the first choice's complete message from a stream's chunks (for memory)."""
+
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._calls: dict[int, dict[str, str]] = {}
+        self._function: dict[str, str] | None = None
+
+    def watch(self, chunks: Iterator[CompletionChunk]) -> Iterator[CompletionChunk]:
+        try:
+            for chunk in chunks:
+                for choice in chunk.choices:
+                    if choice.index == 0:
+                        self._add(choice.delta)
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    def _add(self, delta: object) -> None:
+        content = getattr(delta, "content", None)
+        if content:
+            self._content.append(content)
+        for call in getattr(delta, "tool_calls", None) or ():
+            entry = self._calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] = call.id or entry["id"]
+            if call.function is not None:
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+        function = getattr(delta, "function_call", None)
+        if function is not None:
+            self._function = self._function or {"name": "", "arguments": ""}
+            self._function["name"] += function.name or ""
+            self._function["arguments"] += function.arguments or ""
+
+    def message(self) -> Message:
+        tool_calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                      for _, c in sorted(self._calls.items())] or None
+        function_call = FunctionCall(**self._function) if self._function else None
+        content = "".join(self._content)
+        return Message(content=content if content or not (tool_calls or function_call) else None,
+                       tool_calls=tool_calls, function_call=function_call)

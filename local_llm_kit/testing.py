@@ -127,7 +127,7 @@ class FakeBackend(Backend):
         if start is None:
             logits[self.END_OF_TURN] = 0.0
             return logits
-        prompt_text = bytes(t for t in history[:start] if t < 256).decode("utf-8", errors="replace")
+        prompt_text = b"".join(self.token_bytes(t) for t in history[:start]).decode("utf-8", errors="replace")
         target = (self.reply(prompt_text) if callable(self.reply) else self.reply).encode()
         produced = history[start:]
         if len(produced) < len(target) and list(target[: len(produced)]) == produced:
