@@ -1,0 +1,126 @@
+"""Every feature of ``create()``, the same on both backends, on the real packaged models."""
+
+from __future__ import annotations
+
+import openai.types.chat as oai
+import pytest
+
+from local_llm_kit import InvalidRequestError, LLMClient, TokenLimitError
+
+pytestmark = pytest.mark.integration
+
+Q = [{"role": "user", "content": "List three fruits."}]
+
+
+def text(client: LLMClient, **kwargs: object) -> str:
+    response = client.chat.completions.create(messages=Q, **kwargs)  # type: ignore[arg-type]
+    return response.choices[0].message.content or ""
+
+
+def test_non_streaming_shape_and_usage(smol: LLMClient) -> None:
+    response = smol.chat.completions.create(messages=Q, max_tokens=20)
+    oai.ChatCompletion.model_validate_json(response.model_dump_json())
+    assert response.usage.prompt_tokens == smol.count_tokens(Q)
+    assert response.usage.completion_tokens <= 20
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert response.choices[0].message.content
+
+
+def test_streaming_equals_non_streaming(smol: LLMClient) -> None:
+    whole = smol.chat.completions.create(messages=Q, max_tokens=40)
+    chunks = list(smol.chat.completions.create(messages=Q, max_tokens=40, stream=True,
+                                               stream_options={"include_usage": True}))
+    for chunk in chunks:
+        oai.ChatCompletionChunk.model_validate_json(chunk.model_dump_json())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage == whole.usage
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_max_tokens_and_length(smol: LLMClient) -> None:
+    response = smol.chat.completions.create(messages=Q, max_tokens=3)
+    assert response.choices[0].finish_reason == "length" and response.usage.completion_tokens == 3
+
+
+def test_stop_strings(smol: LLMClient) -> None:
+    whole = text(smol, max_tokens=40)
+    cut = whole[len(whole) // 2:][:3]
+    stopped = smol.chat.completions.create(messages=Q, max_tokens=40, stop=[cut])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == whole[: whole.index(cut)]
+
+
+def test_seed_reproducibility(smol: LLMClient) -> None:
+    a = text(smol, temperature=0.9, seed=42, max_tokens=20)
+    assert a == text(smol, temperature=0.9, seed=42, max_tokens=20)
+
+
+def test_penalties_change_greedy_output(smol: LLMClient) -> None:
+    plain = text(smol, max_tokens=40)
+    assert text(smol, max_tokens=40, frequency_penalty=2.0, presence_penalty=2.0) != plain
+
+
+def test_n_choices(smol: LLMClient) -> None:
+    response = smol.chat.completions.create(messages=Q, n=2, temperature=1.0, seed=3, max_tokens=10)
+    assert [c.index for c in response.choices] == [0, 1]
+    assert all(c.message.content for c in response.choices)
+    # both choices' tokens are counted; the prompt once
+    assert 2 <= response.usage.completion_tokens <= 20
+    assert response.usage.prompt_tokens == smol.count_tokens(Q)
+
+
+def test_logprobs(smol: LLMClient) -> None:
+    response = smol.chat.completions.create(messages=Q, max_tokens=5, logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert len(content) == 5
+    assert "".join(t.token for t in content) == response.choices[0].message.content
+    for token in content:
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-4)  # greedy: the best
+
+
+def test_errors(smol: LLMClient) -> None:
+    with pytest.raises(TokenLimitError):
+        smol.chat.completions.create(messages=Q, max_tokens=10_000)
+    with pytest.raises(InvalidRequestError) as info:
+        smol.chat.completions.create(messages=Q, top_logprobs=2)
+    assert info.value.param == "top_logprobs"
+
+
+def test_kv_reuse_gives_the_same_greedy_output_as_a_cold_prompt(smol: LLMClient, gemma: LLMClient) -> None:
+    for client in (smol, gemma):
+        history = [{"role": "user", "content": "Tell me about the moon."}]
+        first = client.chat.completions.create(messages=history, max_tokens=24)
+        history += [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "And the sun?"}]
+        warm = client.chat.completions.create(messages=history, max_tokens=24)
+        client.engine.backend.truncate_cache(0)
+        cold = client.chat.completions.create(messages=history, max_tokens=24)
+        assert warm.choices[0].message.content == cold.choices[0].message.content
+        assert warm.usage == cold.usage
+
+
+def test_memory_across_turns_matches_explicit_history(smol: LLMClient) -> None:
+    smol.enable_memory(max_tokens=1500)
+    try:
+        a = smol.chat.completions.create(messages=[{"role": "user", "content": "My name is Ada."}], max_tokens=16)
+        b = smol.chat.completions.create(messages=[{"role": "user", "content": "What is my name?"}], max_tokens=16)
+        explicit = [{"role": "user", "content": "My name is Ada."},
+                    {"role": "assistant", "content": a.choices[0].message.content},
+                    {"role": "user", "content": "What is my name?"}]
+        assert b.usage.prompt_tokens == smol.count_tokens(explicit)
+        smol.engine.backend.truncate_cache(0)
+        c = smol.chat.completions.create(messages=explicit, max_tokens=16)
+        assert b.choices[0].message.content == c.choices[0].message.content
+    finally:
+        smol.disable_memory()
+
+
+def test_concurrent_calls_match_serial_ones(smol: LLMClient) -> None:
+    import concurrent.futures
+
+    prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(3, 7)]
+    serial = [smol.chat.completions.create(messages=p, max_tokens=12).choices[0].message.content for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(
+            lambda p: smol.chat.completions.create(messages=p, max_tokens=12).choices[0].message.content, prompts))
+    assert parallel == serial
