@@ -126,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Model preparation (assembling a packaged model, converting a GGUF for transformers) can
+    # take a while the first time: always say so on stderr.
+    for name in ("local_llm_kit.models", "local_llm_kit.backends"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         return int(args.handler(args))
     except LocalLLMKitError as exc:

@@ -96,8 +96,9 @@ class Backend(abc.ABC):
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         """Evaluate ``tokens`` after the cached ones; return the last position's logits.
 
-        The result is a float32 vector of length ``info.n_vocab``. Only the last position's
-        logits are computed. On success ``cached_tokens`` grows by ``tokens``.
+        The result is a float32 vector of length ``info.n_vocab`` that the caller may modify;
+        it may be a view of the engine's buffer, valid until the next call. Only the last
+        position's logits are computed. On success ``cached_tokens`` grows by ``tokens``.
         """
 
     @abc.abstractmethod

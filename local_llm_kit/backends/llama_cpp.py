@@ -129,7 +129,9 @@ class LlamaCppBackend(Backend):
             raise
         self._cached.extend(tokens)
         pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+        # A view of llama.cpp's own buffer, not a copy (1 MB per token for a 262k vocabulary):
+        # the decode loop is done with it, masking in place included, before the next forward.
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
     def truncate_cache(self, n_keep: int) -> int:
         n_keep = max(0, min(n_keep, len(self._cached)))

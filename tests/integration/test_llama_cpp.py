@@ -93,3 +93,10 @@ def test_damaged_model_file_raises_a_clear_error(client: LLMClient, tmp_path: Pa
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ModelLoadError" in run.stdout and "broken.gguf" in run.stdout
+
+
+def test_clients_of_the_same_weights_share_one_loaded_model(client: LLMClient, cache_dir: Path) -> None:
+    twin = LLMClient("smollm2-135m-instruct", temperature=0.2, cache_dir=cache_dir)
+    assert twin.engine is client.engine
+    other_context = LLMClient("smollm2-135m-instruct", context_length=1024, cache_dir=cache_dir)
+    assert other_context.engine is not client.engine
