@@ -21,6 +21,13 @@ set pays only a matcher copy (microseconds) instead of a compile (milliseconds t
 JSON is generated compactly with ``", "`` and ``": "`` separators (the form ``json.dumps``
 writes and models have seen most), and no free whitespace, which would let a small model loop
 on newlines until ``max_tokens``. A schema may override this with its own ``x-guidance`` key.
+
+Objects that list ``properties`` but say nothing of ``additionalProperties`` get no extra
+properties (:func:`close_objects`), as llama.cpp's schema converter does: the output still
+validates against the schema as written, and small models stop inventing keys (SmolLM2 filled
+a forced ``get_time`` call with made-up ``type`` and ``description`` arguments before this).
+Schemas using ``allOf`` or ``unevaluatedProperties`` are left as they are, since closing one
+side of an intersection could forbid what the other side requires.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ __all__ = [
     "JSON_OPTIONS",
     "CallSyntax",
     "CompiledGrammar",
+    "close_objects",
     "ConstraintStats",
     "GrammarCache",
     "GrammarConstraint",
@@ -78,14 +86,51 @@ def regex_escape(text: str) -> str:
 def _with_layout(schema: Mapping[str, Any] | bool) -> dict[str, Any] | bool:
     if isinstance(schema, bool):
         return schema
-    result = dict(schema)
+    result = dict(close_objects(schema))
     result["x-guidance"] = {**JSON_OPTIONS, **dict(schema.get("x-guidance") or {})}
+    return result
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_VALUES = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+                  "additionalProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+# Keywords next to which closing an object could change what is valid (or make it unsatisfiable).
+_KEEP_OPEN = {"additionalProperties", "patternProperties", "unevaluatedProperties", "anyOf", "oneOf", "$ref",
+              "if", "dependencies", "dependentSchemas", "dependentRequired", "minProperties", "maxProperties"}
+
+
+def close_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on plain objects (see the module docstring)."""
+    if "allOf" in json.dumps(schema) or "unevaluatedProperties" in json.dumps(schema):
+        return schema
+    return _close(schema)
+
+
+def _close(node: Any) -> Any:
+    if not isinstance(node, Mapping):
+        return node
+    result = dict(node)
+    for key in _SCHEMA_MAPS:
+        if isinstance(result.get(key), Mapping):
+            result[key] = {name: _close(sub) for name, sub in result[key].items()}
+    for key in _SCHEMA_VALUES:
+        if isinstance(result.get(key), Mapping):
+            result[key] = _close(result[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(result.get(key), list):
+            result[key] = [_close(sub) for sub in result[key]]
+    properties = result.get("properties")
+    required = result.get("required", [])
+    if (isinstance(properties, Mapping) and not _KEEP_OPEN.intersection(result)
+            and isinstance(required, list) and set(required) <= set(properties)):
+        result["additionalProperties"] = False
     return result
 
 
 def json_schema_grammar(schema: Mapping[str, Any] | bool) -> str:
     """The llguidance grammar for JSON matching ``schema``, in the compact layout."""
-    return str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS))
+    return str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_with_layout(schema))))
 
 
 def inline_json(schema: Mapping[str, Any] | bool) -> str:
@@ -95,7 +140,7 @@ def inline_json(schema: Mapping[str, Any] | bool) -> str:
 
 @dataclass(frozen=True)
 class CallSyntax:
-    """The fixed text around one call, as grammar terminals (see :class:`local_llm_kit.tools.CallFormat`)."""
+    """The fixed text around one call, as grammar terminals (see :class:`local_llm_kit.calls.CallFormat`)."""
 
     open: str
     close: str
@@ -256,7 +301,8 @@ class GrammarConstraint:
         backend_eos = {t for t in eos_token_ids if 0 <= t < n_vocab}
         self._eos = frozenset(backend_eos)
         self._extra_eos = np.array(sorted(backend_eos - grammar_eos), dtype=np.int64)
-        self._foreign_eos = np.array(sorted(t for t in grammar_eos - backend_eos if t < self._n), dtype=np.int64)
+        foreign = sorted(t for t in grammar_eos - backend_eos if t < self._n)
+        self._foreign_eos = np.array(foreign, dtype=np.int64)
         self._forced_first = self._take_forced()
         self._stats = GrammarConstraint.stats
         self._step_started: float | None = None
@@ -311,8 +357,8 @@ class GrammarConstraint:
         allowed_words = np.flatnonzero(self._words)
         if allowed_words.size * 128 < n:
             # Few tokens allowed (inside JSON, almost always): gather them, blank the rest.
-            bits = np.unpackbits(self._words[allowed_words].view(np.uint8), bitorder="little").reshape(-1, 32)
-            rows, cols = np.nonzero(bits)
+            packed = self._words[allowed_words].view(np.uint8)
+            rows, cols = np.nonzero(np.unpackbits(packed, bitorder="little").reshape(-1, 32))
             ids = allowed_words[rows] * 32 + cols
             ids = ids[ids < n]
             keep = logits[ids]

@@ -103,6 +103,7 @@ def _logprob_entry(backend: Backend, token: int, logprobs: np.ndarray, top: int)
     alternatives: list[TopLogprob] = []
     if top:
         best = np.argpartition(-logprobs, top - 1)[:top]
+        best = best[np.isfinite(logprobs[best])]  # a constraint's mask may leave fewer than ``top``
         for tid in best[np.argsort(-logprobs[best], kind="stable")]:
             text, raw = describe(int(tid))
             alternatives.append(TopLogprob(token=text, logprob=float(logprobs[tid]), bytes=raw))

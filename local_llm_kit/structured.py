@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from local_llm_kit.calls import GENERIC_FORMAT, CallFormat, CallParser, native_format, new_call_id
 from local_llm_kit.constraints import (
     CallSyntax,
     CompiledGrammar,
@@ -36,18 +37,7 @@ from local_llm_kit.engine import Engine
 from local_llm_kit.errors import InvalidRequestError
 from local_llm_kit.output import OutputMode, StreamShaper, TextOutput
 from local_llm_kit.request import ChatRequest
-from local_llm_kit.tools import (
-    GENERIC_FORMAT,
-    NAME_RE,
-    CallFormat,
-    CallParser,
-    ToolPlan,
-    native_format,
-    new_call_id,
-    parse_tool_request,
-    rewrite_history,
-    tool_prompt,
-)
+from local_llm_kit.tools import NAME_RE, ToolPlan, parse_tool_request, rewrite_history, tool_prompt
 from local_llm_kit.types import (
     Delta,
     FinishReason,
@@ -108,18 +98,21 @@ def parse_response_format(value: Mapping[str, Any] | None) -> JsonSpec | None:
         return JsonSpec(_schema(schema, "response_format.schema"))
     if kind == "json_schema":
         _keys(value, {"type", "json_schema"}, "response_format")
-        spec = value.get("json_schema")
+        spec: Any = value.get("json_schema")
         if hasattr(spec, "model_dump"):
             spec = spec.model_dump(exclude_none=True, by_alias=True)
         if not isinstance(spec, Mapping):
-            raise InvalidRequestError("response_format.json_schema must be an object", param="response_format")
+            raise InvalidRequestError("response_format.json_schema must be an object",
+                                      param="response_format")
         _keys(spec, {"name", "schema", "strict", "description"}, "response_format.json_schema")
         name = spec.get("name")
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise InvalidRequestError("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
-                                      param="response_format")
+            raise InvalidRequestError(
+                "response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
+                param="response_format")
         if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
-            raise InvalidRequestError("response_format.json_schema.strict must be a boolean", param="response_format")
+            raise InvalidRequestError("response_format.json_schema.strict must be a boolean",
+                                      param="response_format")
         description = spec.get("description")
         if description is not None and not isinstance(description, str):
             raise InvalidRequestError("response_format.json_schema.description must be a string",
@@ -129,7 +122,8 @@ def parse_response_format(value: Mapping[str, Any] | None) -> JsonSpec | None:
             return JsonSpec({"type": "object"}, name, description, any_object=True)
         return JsonSpec(_schema(schema, "response_format.json_schema.schema"), name, description)
     raise InvalidRequestError(
-        f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param="response_format")
+        f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+        param="response_format")
 
 
 def _schema(schema: Any, where: str) -> dict[str, Any]:
@@ -138,7 +132,8 @@ def _schema(schema: Any, where: str) -> dict[str, Any]:
     try:
         return dict(json.loads(json.dumps(schema)))
     except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"{where} is not JSON-serialisable: {exc}", param="response_format") from exc
+        raise InvalidRequestError(f"{where} is not JSON-serialisable: {exc}",
+                                  param="response_format") from exc
 
 
 # -- the output mode -----------------------------------------------------------------------
@@ -316,8 +311,9 @@ def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
         if plan.choice != "none" or json_spec is None:
             syntax = CallSyntax(fmt.open, fmt.close, fmt.separator, fmt.args_key,
                                 _single_special(engine, fmt.open), _single_special(engine, fmt.close))
-            content = "forbid" if plan.choice == "none" else "none" if plan.choice == "required" else (
-                "json" if json_spec is not None else "text")
+            content: Literal["text", "json", "none", "forbid"] = (
+                "forbid" if plan.choice == "none" else "none" if plan.choice == "required"
+                else "json" if json_spec is not None else "text")
             lark = tool_call_grammar([(t.name, t.parameters) for t in plan.callable_tools], syntax,
                                      content=content, parallel=plan.parallel,
                                      content_schema=json_spec.schema if json_spec else None)

@@ -1,16 +1,17 @@
-"""Tool and function definitions, how calls are prompted and written, and reading them back.
+"""Tool and function definitions, their validation, and how tools and calls are prompted.
 
 **Call formats.** When the model's chat template renders a ``tools`` list (Hugging Face
 tool-use templates), the tools go to the template and calls are written in the model's own
 format, discovered by rendering a probe conversation through the template (see
-:func:`native_format`): e.g. Qwen/Hermes ``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``.
+:func:`local_llm_kit.calls.native_format`), e.g. Qwen/Hermes
+``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``.
 Otherwise (SmolLM2, the Gemma fallback, most small models) the generic format is used:
 
 * the tool schemas go into the system prompt (appended to the caller's system message, or as
   a new first message), with the instructions in :func:`tool_prompt`;
-* each call is one line ``<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>``,
-  several calls are separated by ``\\n``; the grammar enforces this envelope, the tool name and
-  the arguments' JSON Schema, so what the model writes always parses;
+* each call is ``<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>``, several calls
+  follow each other directly; the grammar enforces this envelope, the tool name and the
+  arguments' JSON Schema, so what the model writes always parses;
 * earlier calls in the history are rendered the same way inside the assistant's turn, and tool
   (or legacy ``function``) results become a user turn
   ``<tool_response name="NAME">\\n...\\n</tool_response>`` (consecutive results, and a user
@@ -26,28 +27,15 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from local_llm_kit.calls import CallFormat
 from local_llm_kit.errors import InvalidRequestError
 from local_llm_kit.request import ChatRequest
-from local_llm_kit.templates import ChatTemplate
 
-__all__ = [
-    "GENERIC_FORMAT",
-    "CallFormat",
-    "CallParser",
-    "ToolPlan",
-    "ToolSpec",
-    "canonical_arguments",
-    "native_format",
-    "new_call_id",
-    "parse_tool_request",
-    "rewrite_history",
-    "tool_prompt",
-]
+__all__ = ["NAME_RE", "ToolPlan", "ToolSpec", "parse_tool_request", "rewrite_history", "tool_prompt"]
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 Choice = Literal["none", "auto", "required"]
@@ -122,8 +110,9 @@ def _function_spec(function: Mapping[str, Any], where: str, allowed: set[str]) -
     parameters = _dict(parameters, f"{where}.parameters")
     kind = parameters.get("type", "object")
     if kind != "object":
-        raise InvalidRequestError(f"{where}.parameters must be a JSON Schema of type 'object', got type {kind!r}",
-                                  param=f"{where}.parameters")
+        raise InvalidRequestError(
+            f"{where}.parameters must be a JSON Schema of type 'object', got type {kind!r}",
+            param=f"{where}.parameters")
     return ToolSpec(name, description, {"type": "object", **parameters}, strict, where)
 
 
@@ -137,7 +126,8 @@ def parse_tool_request(request: ChatRequest) -> ToolPlan | None:
             if value is not None:
                 raise InvalidRequestError(f"{param} is only allowed when tools are given", param=param)
     if request.functions is None and request.function_call is not None:
-        raise InvalidRequestError("function_call is only allowed when functions are given", param="function_call")
+        raise InvalidRequestError("function_call is only allowed when functions are given",
+                                  param="function_call")
     if request.tools is not None:
         specs = []
         for i, tool in enumerate(request.tools):
@@ -163,7 +153,8 @@ def _unique(specs: list[ToolSpec], param: str) -> tuple[ToolSpec, ...]:
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen:
-            raise InvalidRequestError(f"{spec.param}.name {spec.name!r} is defined twice", param=f"{spec.param}.name")
+            raise InvalidRequestError(f"{spec.param}.name {spec.name!r} is defined twice",
+                                      param=f"{spec.param}.name")
         seen.add(spec.name)
     return tuple(specs)
 
@@ -175,8 +166,8 @@ def _choice(value: Any, specs: list[ToolSpec], param: str, *, legacy: bool) -> t
         return "auto", None
     if isinstance(value, str):
         if value not in modes:
-            raise InvalidRequestError(f"{param} must be one of {list(modes)} or name a function, got {value!r}",
-                                      param=param)
+            raise InvalidRequestError(
+                f"{param} must be one of {list(modes)} or name a function, got {value!r}", param=param)
         return value, None  # type: ignore[return-value]
     choice = _dict(value, param)
     if legacy:
@@ -194,100 +185,6 @@ def _choice(value: Any, specs: list[ToolSpec], param: str, *, legacy: bool) -> t
         raise InvalidRequestError(f"{param} names {name!r}, which is not among the given functions {names}",
                                   param=param)
     return "required", name
-
-
-# -- the call envelope ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class CallFormat:
-    """How one call is written: ``open + {"name": "...", "<args_key>": {...}} + close``."""
-
-    open: str = "<tool_call>"
-    close: str = "</tool_call>"
-    separator: str | None = "\n"
-    """Between consecutive calls; None when the format holds one call per reply."""
-    args_key: str = "arguments"
-    native: bool = False
-
-    @property
-    def head(self) -> str:
-        return '{"name": "'
-
-    @property
-    def middle(self) -> str:
-        return f'", "{self.args_key}": '
-
-    def render(self, name: str, arguments: str) -> str:
-        return f"{self.open}{self.head}{name}{self.middle}{canonical_arguments(arguments)}}}{self.close}"
-
-
-GENERIC_FORMAT = CallFormat()
-
-
-def canonical_arguments(arguments: str | Mapping[str, Any]) -> str:
-    """Arguments laid out as the grammar writes them (``json.dumps`` style); bad JSON stays as is."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return arguments
-    return json.dumps(arguments, ensure_ascii=False)
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-_PROBE_TOOL = {"type": "function", "function": {"name": "probe_fn", "description": "probe",
-                                                "parameters": {"type": "object", "properties": {
-                                                    "probe_arg": {"type": "integer"}}}}}
-
-
-def native_format(template: ChatTemplate) -> CallFormat | None:
-    """The model's own call format, read off its template by rendering probe calls; None if unusable.
-
-    Only formats that write each call as one JSON object ``{"name": ..., "<args>": {...}}``
-    between fixed markers are recognised; anything else falls back to the generic format.
-    """
-    if not template.renders_tools:
-        return None
-    tools = [_PROBE_TOOL]
-    user = [{"role": "user", "content": "probe"}]
-
-    def call(n: int) -> dict[str, Any]:
-        return {"id": f"call_probe{n}", "type": "function",
-                "function": {"name": "probe_fn", "arguments": {"probe_arg": n}}}
-
-    try:
-        prompt = template.render(user, tools=tools)
-        text = template.render([*user, {"role": "assistant", "content": "PROBE_TEXT"}],
-                               add_generation_prompt=False, tools=tools)
-        one = template.render([*user, {"role": "assistant", "content": "", "tool_calls": [call(1)]}],
-                              add_generation_prompt=False, tools=tools)
-        two = template.render([*user, {"role": "assistant", "content": "", "tool_calls": [call(1), call(2)]}],
-                              add_generation_prompt=False, tools=tools)
-    except Exception:  # a template that cannot render the probe cannot be trusted with calls
-        return None
-    if not (text.startswith(prompt) and one.startswith(prompt) and two.startswith(prompt)):
-        return None
-    end_of_turn = text[len(prompt):].partition("PROBE_TEXT")[2]
-    reply = one[len(prompt):]
-    if not end_of_turn or not reply.endswith(end_of_turn):
-        return None
-    reply = reply[: len(reply) - len(end_of_turn)]
-    for args_key in ("arguments", "parameters"):
-        obj = f'{{"name": "probe_fn", "{args_key}": {{"probe_arg": 1}}}}'
-        if reply.count(obj) == 1:
-            open_, close = reply.split(obj)
-            break
-    else:
-        return None
-    obj2 = obj.replace(": 1}", ": 2}")
-    replies = two[len(prompt):]
-    first, second = f"{open_}{obj}{close}", f"{open_}{obj2}{close}{end_of_turn}"
-    separator = None
-    if replies.startswith(first) and replies.endswith(second):
-        separator = replies[len(first): len(replies) - len(second)]
-    return CallFormat(open_, close, separator, args_key, native=True)
 
 
 def tool_prompt(plan: ToolPlan, fmt: CallFormat) -> str:
@@ -325,7 +222,8 @@ def rewrite_history(messages: Sequence[Mapping[str, Any]], fmt: CallFormat) -> l
         role = message["role"]
         calls = list(message.get("tool_calls") or ())
         if message.get("function_call"):
-            calls.append({"id": f"call_fn_{len(out)}", "type": "function", "function": message["function_call"]})
+            calls.append({"id": f"call_fn_{len(out)}", "type": "function",
+                          "function": message["function_call"]})
         if role == "assistant" and calls:
             for call in calls:
                 names[call["id"]] = call["function"]["name"]
@@ -336,16 +234,18 @@ def rewrite_history(messages: Sequence[Mapping[str, Any]], fmt: CallFormat) -> l
                         "name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])}}
                     for c in calls]})
             else:
-                rendered = (fmt.separator or "\n").join(
+                rendered = (fmt.separator or "").join(
                     fmt.render(c["function"]["name"], c["function"]["arguments"]) for c in calls)
-                out.append({"role": "assistant", "content": f"{content}\n{rendered}" if content else rendered})
+                text = f"{content}\n{rendered}" if content else rendered
+                out.append({"role": "assistant", "content": text})
             merge_next_user = False
         elif role in ("tool", "function"):
             call_id = message.get("tool_call_id") or next(
                 (i for i, n in reversed(names.items()) if n == message.get("name")), "call_unknown")
             name = message.get("name") or names.get(call_id, "")
             if fmt.native:
-                out.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": message["content"]})
+                out.append({"role": "tool", "tool_call_id": call_id, "name": name,
+                            "content": message["content"]})
                 continue
             block = f'<tool_response name="{name}">\n{message["content"]}\n</tool_response>'
             if merge_next_user:
@@ -367,141 +267,3 @@ def _loads(arguments: str) -> Any:
         return json.loads(arguments)
     except ValueError:
         return arguments
-
-
-# -- reading calls back --------------------------------------------------------------------
-Event = tuple[str, int, str]
-"""("content", -1, text) | ("call", index, name) | ("args", index, fragment)"""
-
-
-@dataclass
-class CallParser:
-    """Splits generated text into content and calls, incrementally (streaming and whole alike).
-
-    The grammar guarantees the text's shape, so the parser only tracks where it is; it holds
-    back text that may be the start of a call marker, and whitespace right before a call.
-    ``content`` is "text" (free text, then calls), "json" (a JSON value or calls, decided by
-    the first characters) or "none" (calls only).
-    """
-
-    fmt: CallFormat
-    content: Literal["text", "json", "none"] = "text"
-    _buffer: str = ""
-    _state: str = "content"
-    _index: int = -1
-    _depth: int = 0
-    _in_string: bool = False
-    _escaped: bool = False
-    _decided: bool = False
-    _raw: bool = False
-    """True once JSON content was seen: everything after it is content."""
-    names: list[str] = field(default_factory=list)
-
-    def feed(self, text: str) -> list[Event]:
-        self._buffer += text
-        events: list[Event] = []
-        while self._step(events):
-            pass
-        return events
-
-    def finish(self) -> list[Event]:
-        events = self.feed("")
-        if self._state == "content" and self._buffer:
-            events.append(("content", -1, self._buffer))
-            self._buffer = ""
-        return events
-
-    def _expect(self, literal: str, next_state: str) -> bool:
-        if len(self._buffer) < len(literal):
-            return False
-        self._buffer = self._buffer[len(literal):]  # the grammar wrote exactly this
-        self._state = next_state
-        return True
-
-    def _step(self, events: list[Event]) -> bool:
-        buf, fmt = self._buffer, self.fmt
-        if self._state == "content":
-            if self._raw:
-                if buf:
-                    events.append(("content", -1, buf))
-                self._buffer = ""
-                return False
-            if self.content == "none" or (self.content == "json" and not self._decided):
-                if buf.startswith(fmt.open) or (self.content == "none" and buf):
-                    self._decided, self._state = True, "open"
-                    return True
-                if fmt.open.startswith(buf):
-                    return False
-                self._decided = self._raw = True
-                return True
-            at = buf.find(fmt.open)
-            if at >= 0:
-                if buf[:at].rstrip():
-                    events.append(("content", -1, buf[:at].rstrip()))
-                self._buffer, self._state = buf[at:], "open"
-                return True
-            safe = len(buf) - _partial_suffix(buf, fmt.open)
-            safe = len(buf[:safe].rstrip())
-            if safe:
-                events.append(("content", -1, buf[:safe]))
-                self._buffer = buf[safe:]
-            return False
-        if self._state == "open":
-            return self._expect(fmt.open + fmt.head, "name")
-        if self._state == "name":
-            end = buf.find('"')
-            if end < 0:
-                return False
-            self._index += 1
-            self.names.append(buf[:end])
-            events.append(("call", self._index, buf[:end]))
-            self._buffer, self._state = buf[end:], "middle"
-            self._depth, self._in_string, self._escaped = 0, False, False
-            return True
-        if self._state == "middle":
-            return self._expect(fmt.middle, "args")
-        if self._state == "args":
-            end = self._scan_json(buf)
-            piece = buf if end is None else buf[:end]
-            if piece:
-                events.append(("args", self._index, piece))
-            self._buffer = "" if end is None else buf[end:]
-            if end is not None:
-                self._state = "close"
-            return end is not None
-        if self._state == "close":
-            return self._expect("}" + fmt.close, "between")
-        if self._state == "between":
-            sep = fmt.separator or ""
-            if len(buf) < len(sep) + 1:
-                return False
-            return self._expect(sep, "open")
-        return False
-
-    def _scan_json(self, text: str) -> int | None:
-        """Index just past the end of the arguments object in ``text``, or None if it goes on."""
-        for i, ch in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    return i + 1
-        return None
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that is a proper start of ``marker``."""
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0

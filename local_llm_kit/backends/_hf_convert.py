@@ -10,6 +10,8 @@ with gguf"), so the folder is written by hand:
   asks for later (one entry serves every dtype; converting a GGUF to bf16 loses nothing that
   converting from float32 would keep). A tied ``lm_head.weight`` is left out: it shares storage
   with the embeddings, which safetensors refuses, and ``from_pretrained`` re-ties it.
+* the tokenizer, with the pre-tokenizer llama.cpp uses for this vocabulary where transformers'
+  GGUF loader lacks it (see :func:`_align_pre_tokenizer`), so both backends tokenize alike.
 * ``config.json`` without ``quantization_config`` (else transformers looks for the GGUF again),
   ``generation_config.json``, and the tokenizer as ``tokenizer.save_pretrained`` writes it.
 * ``local_llm_kit.json``: the completion marker, written last.
@@ -33,6 +35,12 @@ into place (``os.rename`` of a directory is atomic on one filesystem). A directo
 name without a valid marker (an interrupted older writer, a manual copy, an older format) is
 removed and rebuilt, never loaded. Two processes converting the same file at once each write
 their own temporary directory; the loser of the rename discards its copy and uses the winner's.
+Nothing is fsynced: an entry damaged by a crash of the machine fails to load, and the backend
+then removes it and converts again (``TransformersBackend._load``).
+
+Progress: a tqdm bar over the four conversion steps, shown when stderr is a terminal
+(``disable=None``), besides transformers' own bar over the tensors; log records go to this
+module's logger.
 """
 
 from __future__ import annotations
@@ -42,9 +50,11 @@ import copy
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -183,6 +193,10 @@ def _write_entry(gguf_path: Path, out: Path, sha256: str) -> None:
     with tqdm(total=4, desc=f"Converting {name}", unit="step", disable=None) as steps:
         steps.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        metadata = gguf_string_metadata(gguf_path, ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
+        _align_pre_tokenizer(
+            tokenizer, metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
+        )
         tokenizer.save_pretrained(out)
         steps.update()
 
@@ -213,6 +227,98 @@ def _write_entry(gguf_path: Path, out: Path, sha256: str) -> None:
         # The marker goes last: its presence is the statement that everything else is there.
         (out / MARKER_NAME).write_text(json.dumps(marker, indent=2), encoding="utf-8")
         steps.update()
+
+
+# llama.cpp pre-tokenizer types that isolate every numeric character (\p{N}) before GPT-2's split
+# (llama-vocab.cpp). transformers 5.24's GGUF loader does not know them and keeps GPT-2's split
+# alone, which tokenizes e.g. " ½" differently from llama.cpp and from the original tokenizer.json.
+_ISOLATE_NUMBERS_PRE_TYPES = frozenset(
+    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+)
+# Types whose split is GPT-2's own: nothing to change.
+_GPT2_PRE_TYPES = frozenset({"default", "gpt2", "mpt", "olmo", "jais", "trillion"})
+
+
+def _align_pre_tokenizer(tokenizer: Any, model: str | None, pre: str | None) -> None:
+    """Give a byte-level BPE tokenizer read from GGUF the split llama.cpp uses for ``pre``.
+
+    Only a tokenizer left with the bare ``ByteLevel`` pre-tokenizer is touched: when transformers
+    recognised the type and set its own split, it is kept.
+    """
+    if model != "gpt2" or pre is None or pre in _GPT2_PRE_TYPES:
+        return
+    from tokenizers import Regex, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    current = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    if current.get("type") != "ByteLevel":
+        return
+    if pre in _ISOLATE_NUMBERS_PRE_TYPES:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+        logger.debug("pre-tokenizer %r: isolating numeric characters, as llama.cpp does", pre)
+    else:
+        logger.warning(
+            "GGUF pre-tokenizer type %r is unknown here; the transformers backend may tokenize "
+            "some text differently from llama.cpp", pre,
+        )  # fmt: skip
+
+
+def gguf_string_metadata(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """The string values of ``keys`` in a GGUF file's metadata, read without loading tensors.
+
+    ``gguf.GGUFReader`` would take 3-13 s on these files (it builds an object per vocabulary
+    entry); this walks the key-value section and skips arrays by their lengths.
+    """
+    wanted, found = set(keys), {}
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        magic, version = struct.unpack_from("<4sI", buf, 0)
+        if magic != _GGUF_MAGIC or version not in (2, 3):
+            raise ValueError(f"{path} is not a GGUF v2/v3 file")
+        (n_kv,) = struct.unpack_from("<Q", buf, 16)
+        offset = 24
+        for _ in range(n_kv):
+            key, offset = _read_string(buf, offset)
+            (value_type,) = struct.unpack_from("<I", buf, offset)
+            offset += 4
+            if value_type == _GGUF_STRING and key in wanted:
+                found[key], offset = _read_string(buf, offset)
+                if len(found) == len(wanted):
+                    break
+            else:
+                offset = _skip_value(buf, offset, value_type)
+    return found
+
+
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_WIDTH = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _read_string(buf: mmap.mmap, offset: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", buf, offset)
+    start = offset + 8
+    return bytes(buf[start : start + length]).decode("utf-8", errors="replace"), start + length
+
+
+def _skip_value(buf: mmap.mmap, offset: int, value_type: int) -> int:
+    if value_type == _GGUF_STRING:
+        (length,) = struct.unpack_from("<Q", buf, offset)
+        return offset + 8 + int(length)
+    if value_type == _GGUF_ARRAY:
+        item_type, count = struct.unpack_from("<IQ", buf, offset)
+        offset += 12
+        if item_type in _GGUF_WIDTH:
+            return offset + int(count) * _GGUF_WIDTH[item_type]
+        for _ in range(count):
+            offset = _skip_value(buf, offset, item_type)
+        return offset
+    if value_type not in _GGUF_WIDTH:
+        raise ValueError(f"unknown GGUF metadata type {value_type}")
+    return offset + _GGUF_WIDTH[value_type]
 
 
 def _unshared_state_dict(model: Any) -> dict[str, Any]:

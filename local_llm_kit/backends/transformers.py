@@ -12,14 +12,28 @@ shared with the previous request is never recomputed and prefill does not materi
 
 This module imports torch and transformers at its top: it is only imported when the backend is
 chosen (see :func:`local_llm_kit.backends.create_backend`).
+
+OpenMP wait policy. Before it imports torch for the first time, this module sets
+``OMP_WAIT_POLICY=PASSIVE`` unless the environment already says otherwise. With the default
+policy, torch's OpenMP threads spin at every barrier, and as soon as another process wants one
+of the cores the decode rate collapses: SmolLM2 on 2 threads of a 2-core machine, with a
+1-thread job beside it, decoded at 0.6-5.9 tokens/s by default against 15-17 tokens/s with
+PASSIVE (and 16-19 with one thread); ``model.generate`` fell from 17 to 0.5 tokens/s. libgomp
+reads the variable once, when it is loaded, so it has no effect when torch (or another user of
+libgomp, such as llama.cpp) was imported first; set it in the environment to be sure.
 """
 
 from __future__ import annotations
 
-import inspect
+import os
+import sys
+
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import inspect  # after the OpenMP policy above: it must precede torch
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,18 +68,23 @@ END_OF_TURN_TEXTS = (
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
     "</s>",
 )  # fmt: skip
-DEFAULT_CPU_DTYPE = "bfloat16"
-"""Measured on SmolLM2 here (benchmarks/bench_transformers.py): see TransformersBackend."""
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags, Arm "Features"
 
 
 class TransformersBackend(Backend):
     """A Hugging Face causal LM with one KV cache, evaluated token by token.
 
-    Defaults when ``options`` leave them open: ``device`` cuda, else mps, else cpu; ``dtype``
-    bfloat16 on cpu (decodes faster than float32 on these CPUs with the same greedy text; see the
-    README's benchmark table), bfloat16 on cuda where supported, else float16; ``n_threads`` the
-    physical cores this process may run on. ``torch.set_num_threads`` is process-wide, so the last
-    backend loaded sets it for all.
+    Defaults when ``options`` leave them open:
+
+    * ``device``: cuda, else mps, else cpu.
+    * ``dtype``: on cpu, bfloat16 where the CPU has bfloat16 arithmetic (see
+      :func:`_cpu_has_native_bf16`), else float32; on cuda bfloat16 where supported, else
+      float16; on mps float16. On SmolLM2 here (AVX512-BF16, 2 threads) bfloat16 halved the
+      time to first token (112 ms against 211 ms) and decoded at least as fast (15.9-18.1
+      against 16.1-16.2 tokens/s on a shared machine; 25 against 17 on a quiet one), with the
+      same answers (benchmarks/bench_transformers.py; the integration tests check the text).
+    * ``n_threads``: the physical cores this process may run on. ``torch.set_num_threads`` is
+      process-wide, so the last backend loaded sets it for all.
     """
 
     name = "transformers"
@@ -127,7 +146,7 @@ class TransformersBackend(Backend):
     def _load_folder(self, folder: Path) -> tuple[Any, Any]:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 str(folder), dtype=self._dtype, local_files_only=True
             )
         except (KeyboardInterrupt, SystemExit, MemoryError):
@@ -145,6 +164,7 @@ class TransformersBackend(Backend):
         Keeping them costs as much memory as a full-attention layer; attention still only reads
         the window.
         """
+        cache: Any
         try:
             cache = DynamicCache(config=self._model.config)
         except TypeError:  # transformers < 4.56 builds the layout lazily
@@ -154,6 +174,16 @@ class TransformersBackend(Backend):
         return cache
 
     # -- metadata ---------------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The loaded ``PreTrainedModel`` (for benchmarks and power users; do not move it)."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer (``apply_chat_template``, ``decode``...)."""
+        return self._tokenizer
+
     @property
     def info(self) -> ModelInfo:
         return self._info
@@ -221,7 +251,8 @@ class TransformersBackend(Backend):
             logger.debug("cache cannot be cropped to %d of %d tokens; emptying it", n_keep, length)
             self._reset_cache()
             return 0
-        self._cache.crop(n_keep - length)  # negative: tokens to remove (both 4.x and 5.x)
+        with torch.inference_mode():  # the cached tensors are inference tensors
+            self._cache.crop(n_keep - length)  # negative: tokens to remove (both 4.x and 5.x)
         del self._cached[n_keep:]
         return n_keep
 
@@ -272,10 +303,12 @@ def _pick_device(name: str | None) -> torch.device:
 
 
 def _pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
+    if name is None or name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else getattr(torch, DEFAULT_CPU_DTYPE)
+        if device.type == "mps":
+            return torch.float16
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
     dtype = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidRequestError(
@@ -283,6 +316,25 @@ def _pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
             param="dtype",
         )
     return dtype
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether the CPU does bfloat16 arithmetic in hardware (AVX512-BF16, AMX, Arm BF16).
+
+    Measured here (AMD EPYC with AVX512-BF16, one thread): a 576x49152 projection of 256 rows
+    took 74 ms in bfloat16 against 207 ms in float32; restricted to AVX2 (``ATEN_CPU_CAPABILITY
+    =avx2 ONEDNN_MAX_CPU_ISA=AVX2``) the bfloat16 one took 804 ms. Emulated bfloat16 would make
+    prefill several times slower, so it is only the default where the hardware has it. Where
+    this cannot be told (no ``/proc/cpuinfo``: macOS, Windows) float32 is the safe choice.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return not _NATIVE_BF16_FLAGS.isdisjoint(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    return False
 
 
 def _pick_threads(n_threads: int | None) -> int:
@@ -294,7 +346,7 @@ def _pick_threads(n_threads: int | None) -> int:
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     logical = os.cpu_count() or allowed
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         physical = psutil.cpu_count(logical=False) or logical
     except ImportError:
@@ -387,7 +439,11 @@ def _flatten_decoders(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 def _byte_decoder() -> dict[str, bytes]:
     """Inverse of GPT-2's bytes-to-unicode table: printable stand-in character -> its byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -395,5 +451,4 @@ def _byte_decoder() -> dict[str, bytes]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): bytes([b]) for b, c in zip(printable, chars)}
-
+    return {chr(c): bytes([b]) for b, c in zip(printable, chars, strict=True)}

@@ -79,7 +79,12 @@ def test_second_call_reuses_entry_without_hashing(
     first = conv.cached_hf_folder(gguf, tmp_path / "cache")
     hashed: list[Path] = []
     real_hash = conv.file_sha256
-    monkeypatch.setattr(conv, "file_sha256", lambda p: hashed.append(p) or real_hash(p))
+
+    def counting_hash(path: Path) -> str:
+        hashed.append(path)
+        return real_hash(path)
+
+    monkeypatch.setattr(conv, "file_sha256", counting_hash)
     assert conv.cached_hf_folder(gguf, tmp_path / "cache") == first
     assert writer.calls == 1
     assert hashed == []  # the (path, size, mtime) memo answered
@@ -190,3 +195,72 @@ def test_unwritable_memo_still_works(
     monkeypatch.setattr(conv, "_write_json_atomic", refuse)
     assert conv.cached_hf_folder(gguf, tmp_path / "cache") == conv.cached_hf_folder(gguf, tmp_path / "cache")
     assert writer.calls == 1
+
+
+# -- GGUF metadata and the tokenizer's pre-tokenizer -----------------------------------------------
+
+
+def test_gguf_string_metadata_skips_arrays(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("some.count", 7)
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "bc", "▁d"] * 1000)
+    writer.add_array("tokenizer.ggml.scores", [0.5] * 4000)
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_float32("some.scale", 1.5)
+    writer.add_bool("some.flag", True)
+    writer.add_string("tokenizer.ggml.pre", "smollm")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "general.architecture", "absent.key")
+    assert conv.gguf_string_metadata(path, keys) == {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+    }
+
+
+def test_gguf_string_metadata_rejects_other_files(tmp_path: Path) -> None:
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF" + (99).to_bytes(4, "little") + bytes(64))
+    with pytest.raises(ValueError, match="not a GGUF v2/v3 file"):
+        conv.gguf_string_metadata(path, ("general.architecture",))
+
+
+def _byte_level_tokenizer() -> Any:
+    tokenizers = pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+    class Wrapper:  # what the conversion sees of a transformers tokenizer
+        backend_tokenizer = backend
+
+    return Wrapper()
+
+
+def _pieces(tokenizer: Any, text: str) -> list[str]:
+    return [piece for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def test_smollm_pre_tokenizer_isolates_numbers_like_llama_cpp() -> None:
+    tokenizer = _byte_level_tokenizer()
+    assert _pieces(tokenizer, "a ½ 12") == ["a", "ĠÂ½", "Ġ12"]  # GPT-2's split alone
+    conv._align_pre_tokenizer(tokenizer, "gpt2", "smollm")
+    assert _pieces(tokenizer, "a ½ 12") == ["a", "Ġ", "Â½", "Ġ", "1", "2"]
+
+
+@pytest.mark.parametrize(("model", "pre"), [("gpt2", "default"), ("gpt2", None), ("llama", "smollm")])
+def test_other_tokenizers_are_left_alone(model: str, pre: str | None) -> None:
+    tokenizer = _byte_level_tokenizer()
+    conv._align_pre_tokenizer(tokenizer, model, pre)
+    assert _pieces(tokenizer, "a ½ 12") == ["a", "ĠÂ½", "Ġ12"]
+
+
+def test_unknown_pre_tokenizer_type_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    tokenizer = _byte_level_tokenizer()
+    conv._align_pre_tokenizer(tokenizer, "gpt2", "some-new-type")
+    assert "some-new-type" in caplog.text
+    assert _pieces(tokenizer, "a ½ 12") == ["a", "ĠÂ½", "Ġ12"]

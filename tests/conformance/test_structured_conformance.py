@@ -1,0 +1,162 @@
+"""Structured output and tool calls: the same guarantees on both backends, with the real packaged models.
+
+Every reply that ends with ``finish_reason == "stop"`` (or a tool-call reason) must parse and
+validate; a stream's deltas must add up to the non-streamed reply.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import openai.types.chat as oai
+import pytest
+
+from local_llm_kit import LLMClient
+
+pytestmark = pytest.mark.integration
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"]}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}},
+        "required": ["timezone"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone",
+                                      "parameters": TIME}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+CAT = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 30},
+    "colour": {"enum": ["black", "white", "ginger", "grey"]}}, "required": ["name", "age", "colour"]}
+DESCRIBE = [{"role": "user", "content": "Describe a three-year-old ginger cat called Tom."}]
+
+
+def run(client: LLMClient, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """The non-streamed reply and the message assembled from the same request's stream."""
+    whole = client.chat.completions.create(**kwargs)
+    oai.ChatCompletion.model_validate_json(whole.model_dump_json())
+    content, calls, function_call, reason = "", {}, None, None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        oai.ChatCompletionChunk.model_validate_json(chunk.model_dump_json())
+        choice = chunk.choices[0]
+        reason = choice.finish_reason or reason
+        content += choice.delta.content or ""
+        for part in choice.delta.tool_calls or []:
+            entry = calls.setdefault(part.index, ["", ""])
+            if part.id is not None:
+                assert part.id.startswith("call_") and part.type == "function"
+                assert part.function.arguments == ""
+            entry[0] += part.function.name or ""
+            entry[1] += part.function.arguments or ""
+        if choice.delta.function_call is not None:
+            function_call = function_call or ["", ""]
+            function_call[0] += choice.delta.function_call.name or ""
+            function_call[1] += choice.delta.function_call.arguments or ""
+    return whole, {"content": content, "calls": [calls[i] for i in sorted(calls)],
+                   "function_call": function_call, "finish_reason": reason}
+
+
+def check_same(whole: Any, streamed: dict[str, Any]) -> None:
+    message = whole.choices[0].message
+    assert streamed["finish_reason"] == whole.choices[0].finish_reason
+    assert streamed["content"] == (message.content or "")
+    assert streamed["calls"] == [[c.function.name, c.function.arguments] for c in message.tool_calls or []]
+    if message.function_call is not None:
+        assert streamed["function_call"] == [message.function_call.name, message.function_call.arguments]
+
+
+def check_calls(whole: Any) -> None:
+    choice = whole.choices[0]
+    for call in choice.message.tool_calls or []:
+        assert call.id.startswith("call_")
+        if choice.finish_reason == "tool_calls":
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    if choice.message.tool_calls and choice.finish_reason != "length":
+        assert choice.finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"},
+    {"type": "json_object", "schema": CAT},
+    {"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT, "strict": True}},
+])
+def test_json_output(smol: LLMClient, response_format: dict[str, Any]) -> None:
+    whole, streamed = run(smol, messages=DESCRIBE, response_format=response_format, max_tokens=80)
+    check_same(whole, streamed)
+    assert whole.choices[0].finish_reason == "stop"
+    value = json.loads(whole.choices[0].message.content or "")
+    jsonschema.validate(value, response_format.get("schema") or response_format.get(
+        "json_schema", {}).get("schema") or {"type": "object"})
+
+
+@pytest.mark.parametrize("tool_choice", [
+    "required",
+    {"type": "function", "function": {"name": "get_weather"}},
+    {"type": "function", "function": {"name": "get_time"}},
+])
+def test_forced_tool_calls_are_valid(smol: LLMClient, tool_choice: Any) -> None:
+    whole, streamed = run(smol, messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=60)
+    check_same(whole, streamed)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert whole.choices[0].message.tool_calls
+    if isinstance(tool_choice, dict):
+        names = {c.function.name for c in whole.choices[0].message.tool_calls}
+        assert names == {tool_choice["function"]["name"]}
+    check_calls(whole)
+
+
+def test_auto_may_answer_or_call(smol: LLMClient) -> None:
+    whole, streamed = run(smol, messages=ASK, tools=TOOLS, max_tokens=48)
+    check_same(whole, streamed)
+    check_calls(whole)
+    assert "<tool_call>" not in (whole.choices[0].message.content or "")
+
+
+def test_single_call_and_none(smol: LLMClient) -> None:
+    one, streamed = run(smol, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                        max_tokens=60)
+    check_same(one, streamed)
+    assert len(one.choices[0].message.tool_calls or []) == 1
+    none, streamed = run(smol, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=24)
+    check_same(none, streamed)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason in ("stop", "length")
+
+
+def test_legacy_functions(smol: LLMClient) -> None:
+    whole, streamed = run(smol, messages=ASK, functions=[t["function"] for t in TOOLS],
+                          function_call={"name": "get_weather"}, max_tokens=60)
+    check_same(whole, streamed)
+    assert whole.choices[0].finish_reason == "function_call"
+    call = whole.choices[0].message.function_call
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+
+
+def test_tool_loop_call_result_answer(smol: LLMClient) -> None:
+    first = smol.chat.completions.create(messages=ASK, tools=TOOLS, tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=60)
+    call = first.choices[0].message.tool_calls[0]
+    result = json.dumps({"temperature_c": 21, "sky": "sunny"})
+    history = [*ASK, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": result}]
+    answer, streamed = run(smol, messages=history, tools=TOOLS, max_tokens=40)
+    check_same(answer, streamed)
+    check_calls(answer)
+    assert answer.usage.prompt_tokens > first.usage.prompt_tokens
+    final = smol.chat.completions.create(messages=history, tools=TOOLS, tool_choice="none", max_tokens=40)
+    assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
+
+
+def test_gemma_json_and_calls(gemma: LLMClient) -> None:
+    cat = {"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT}}
+    whole, streamed = run(gemma, messages=DESCRIBE, max_tokens=60, response_format=cat)
+    check_same(whole, streamed)
+    if whole.choices[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(whole.choices[0].message.content or ""), CAT)
+    calls, streamed = run(gemma, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=60)
+    check_same(calls, streamed)
+    check_calls(calls)
