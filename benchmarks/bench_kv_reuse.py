@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import side_by_side, write_results  # noqa: E402
+from common import side_by_side, write_results
 
-from local_llm_kit import LLMClient  # noqa: E402
+from local_llm_kit import LLMClient
 
 TARGETS = (500, 1500)
 FILLER = ("Here is a note about the history of lighthouses, their keepers and the ships they guided "
@@ -62,10 +62,11 @@ def main() -> None:
                 prime = history[:-1]  # the previous request: everything up to the last reply
                 messages = [*history, {"role": "user", "content": "Summarise the notes in one line."}]
                 tokens = client.count_tokens(messages)
-                result = side_by_side({
-                    "warm": lambda: {"ttft_s": ttft(client, messages, False, prime)},
-                    "cold": lambda: {"ttft_s": ttft(client, messages, True, prime)},
-                })
+                def run(cold: bool, c: LLMClient = client, m: list[dict[str, Any]] = messages,
+                        p: list[dict[str, Any]] = prime) -> dict[str, float]:
+                    return {"ttft_s": ttft(c, m, cold, p)}
+
+                result = side_by_side({"warm": lambda: run(False), "cold": lambda: run(True)})
                 warm, cold = result["warm"]["ttft_s"], result["cold"]["ttft_s"]
                 rows[f"{model}/{backend}/{target}"] = {"prompt_tokens": tokens, "warm_s": warm, "cold_s": cold,
                                                        "ratio": warm / cold}

@@ -18,10 +18,10 @@ import llama_cpp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import side_by_side, write_results  # noqa: E402
+from common import side_by_side, write_results
 
-from local_llm_kit import LLMClient  # noqa: E402
-from local_llm_kit.backends.llama_cpp import default_threads  # noqa: E402
+from local_llm_kit import LLMClient
+from local_llm_kit.backends.llama_cpp import default_threads
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 MAX_TOKENS = 128
@@ -90,7 +90,8 @@ def main() -> None:
              "", "| path | decode tok/s | ours / peer | TTFT ms | tokens |", "|---|---|---|---|---|"]
     for name, r in results.items():
         ratio = base["decode_tok_s"] / r["decode_tok_s"]
-        table.append(f"| {name} | {r['decode_tok_s']:.1f} | {ratio:.3f}x | {r['ttft_s'] * 1e3:.1f} | {r['tokens']:.0f} |")
+        table.append(f"| {name} | {r['decode_tok_s']:.1f} | {ratio:.3f}x | {r['ttft_s'] * 1e3:.1f} "
+                     f"| {r['tokens']:.0f} |")
     write_results("llama_cpp", {"threads": threads, "max_tokens": MAX_TOKENS, "results": results}, table)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import jsonschema
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results
+from common import RESULTS, write_results
 
 from local_llm_kit import InvalidRequestError, LLMClient, TokenLimitError
 from local_llm_kit.constraints import grammar_cache, json_schema_grammar
@@ -164,6 +164,26 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def table_of(results: list[dict[str, Any]], corpus_size: int, model: str) -> list[str]:
+    table = [f"JSONSchemaBench sample ({corpus_size} schemas), {model}, greedy", "",
+             "| backend | coverage (compiled) | schemas run | max_tokens | JSON finished (stop) "
+             "| valid / finished | forced tool calls | finished | valid / finished | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def share(part: dict[str, Any]) -> str:
+        if part["validity"] is None:
+            return "n/a"
+        return f"{part['valid']}/{part['finished']} ({part['validity']:.0%})"
+
+    for r in results:
+        j, t = r["summary"]["json"], r["summary"]["tool"]
+        run = "all compiled" if r.get("limit") is None else f"{r['limit']} per folder"
+        table.append(f"| {r['backend']} | {r['compiled']}/{r['schemas']} ({r['coverage']:.1%}) | {run} "
+                     f"| {r.get('max_tokens')} | {j['finished']}/{j['runs']} | {share(j)} | {t['runs']} "
+                     f"| {t['finished']} | {share(t)} | {r['seconds'] / 60:.1f} |")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backends", nargs="+", default=["llama.cpp", "transformers"])
@@ -176,26 +196,22 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     corpus = load_corpus(args.corpus)
-    results = [run_backend(b, args.model, corpus, args.limit, args.max_tokens, args.cache_dir, args.threads)
-               for b in args.backends]
-    table = [f"JSONSchemaBench sample ({len(corpus)} schemas), {args.model}, greedy, "
-             f"max_tokens={args.max_tokens}", "",
-             "| backend | coverage (compiled) | JSON runs | finished (stop) | valid / finished "
-             "| forced tool calls | finished | valid / finished | minutes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        j, t = r["summary"]["json"], r["summary"]["tool"]
-
-        def share(part: dict[str, Any]) -> str:
-            if part["validity"] is None:
-                return "n/a"
-            return f"{part['valid']}/{part['finished']} ({part['validity']:.0%})"
-
-        table.append(f"| {r['backend']} | {r['compiled']}/{r['schemas']} ({r['coverage']:.1%}) | {j['runs']} "
-                     f"| {j['finished']} | {share(j)} | {t['runs']} | {t['finished']} | {share(t)} "
-                     f"| {r['seconds'] / 60:.1f} |")
-    write_results("jsonschemabench", {"model": args.model, "max_tokens": args.max_tokens, "limit": args.limit,
-                                      "backends": results}, table)
+    results = []
+    for backend in args.backends:
+        result = run_backend(backend, args.model, corpus, args.limit, args.max_tokens, args.cache_dir,
+                             args.threads)
+        results.append({**result, "limit": args.limit, "max_tokens": args.max_tokens,
+                        "threads": args.threads})
+    # Backends not run this time keep their previous results (e.g. a full llama.cpp run and a
+    # sampled transformers run made separately).
+    previous = RESULTS / "jsonschemabench.json"
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("model") == args.model:
+            ran = {r["backend"] for r in results}
+            results = [r for r in old.get("backends", []) if r["backend"] not in ran] + results
+    write_results("jsonschemabench", {"model": args.model, "backends": results},
+                  table_of(results, len(corpus), args.model))
 
 
 if __name__ == "__main__":

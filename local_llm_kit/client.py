@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import logging
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace

@@ -244,7 +244,8 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
     return ChatRequest(
         messages=tuple(messages),
         model=model,
-        temperature=default_temperature if temperature is None else check_sampling("temperature", temperature, 0.0, 2.0),
+        temperature=(default_temperature if temperature is None
+                     else check_sampling("temperature", temperature, 0.0, 2.0)),
         top_p=default_top_p if top_p is None else check_sampling("top_p", top_p, 0.0, 1.0),
         max_tokens=max_tokens if max_tokens is not None else max_completion,
         stream=stream,
@@ -258,7 +259,8 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
         logprobs=logprobs,
         top_logprobs=top_logprobs if top_logprobs is not None else (0 if logprobs else None),
         user=user,
-        response_format=None if args.get("response_format") is None else _as_dict(args["response_format"], "response_format"),
+        response_format=(None if args.get("response_format") is None
+                         else _as_dict(args["response_format"], "response_format")),
         tools=_tuple_of_dicts(args.get("tools"), "tools"),
         tool_choice=args.get("tool_choice"),
         parallel_tool_calls=parallel,

@@ -33,9 +33,9 @@ class SamplingParams:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    finite_max = np.max(logits)
-    shifted = logits - finite_max
-    return shifted - np.log(np.sum(np.exp(shifted)))
+    shifted = logits - np.max(logits)
+    result: np.ndarray = shifted - np.log(np.sum(np.exp(shifted)))
+    return result
 
 
 class Sampler:

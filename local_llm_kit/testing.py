@@ -17,11 +17,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from local_llm_kit.backends import BackendOptions
 from local_llm_kit.backends.base import Backend, ModelInfo
 from local_llm_kit.engine import Engine
 from local_llm_kit.models import ResolvedModel
@@ -98,8 +97,9 @@ class FakeBackend(Backend):
             class _Vocab:
                 eos_token_id = self.END_OF_TURN
                 bos_token_id = None
-                tokens = [bytes([i]) for i in range(256)] + [b"\xff" + t.encode() for t in SPECIAL_TOKENS]
-                special_token_ids = [256 + i for i in range(len(SPECIAL_TOKENS))]
+                tokens: ClassVar[list[bytes]] = [bytes([i]) for i in range(256)] + [
+                    b"\xff" + t.encode() for t in SPECIAL_TOKENS]
+                special_token_ids: ClassVar[list[int]] = [256 + i for i in range(len(SPECIAL_TOKENS))]
 
                 def __call__(self, text: bytes) -> list[int]:
                     return backend.tokenize(text.decode("utf-8", errors="replace"))

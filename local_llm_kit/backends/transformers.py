@@ -15,12 +15,21 @@ chosen (see :func:`local_llm_kit.backends.create_backend`).
 
 OpenMP wait policy. Before it imports torch for the first time, this module sets
 ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already says otherwise. With the default
-policy, torch's OpenMP threads spin at every barrier, and as soon as another process wants one
-of the cores the decode rate collapses: SmolLM2 on 2 threads of a 2-core machine, with a
-1-thread job beside it, decoded at 0.6-5.9 tokens/s by default against 15-17 tokens/s with
-PASSIVE (and 16-19 with one thread); ``model.generate`` fell from 17 to 0.5 tokens/s. libgomp
-reads the variable once, when it is loaded, so it has no effect when torch (or another user of
-libgomp, such as llama.cpp) was imported first; set it in the environment to be sure.
+policy torch's OpenMP threads spin at every barrier, and as soon as another process wants one of
+the cores the decode rate collapses. SmolLM2, bfloat16, 2 threads on a 2-core machine, tokens/s:
+
+    ================================  ==========  ==========
+    policy                            quiet       1 busy core
+    ================================  ==========  ==========
+    default (spin)                    25.6-28.6   0.4-5.9
+    PASSIVE                           17.4-19.0   14.0-17.2
+    ================================  ==========  ==========
+
+(``model.generate`` collapses alike: 17 -> 0.5 tokens/s.) A third of the peak on an idle machine
+is traded for never losing 3-40x on a shared one, which is where a library runs. Set
+``OMP_WAIT_POLICY=ACTIVE`` in the environment for the peak on a dedicated machine. libgomp reads
+the variable once, when it is loaded, so this has no effect when torch (or llama.cpp, which
+loads the same libgomp) was imported first.
 """
 
 from __future__ import annotations
@@ -80,9 +89,10 @@ class TransformersBackend(Backend):
     * ``dtype``: on cpu, bfloat16 where the CPU has bfloat16 arithmetic (see
       :func:`_cpu_has_native_bf16`), else float32; on cuda bfloat16 where supported, else
       float16; on mps float16. On SmolLM2 here (AVX512-BF16, 2 threads) bfloat16 halved the
-      time to first token (112 ms against 211 ms) and decoded at least as fast (15.9-18.1
-      against 16.1-16.2 tokens/s on a shared machine; 25 against 17 on a quiet one), with the
-      same answers (benchmarks/bench_transformers.py; the integration tests check the text).
+      time to first token (63 against 121-159 ms idle, 112 against 211 ms shared) and decoded
+      at least as fast (idle: 26-29 against 15-18 tokens/s with the spinning OpenMP policy,
+      17-19 against 16-17 with PASSIVE), with the same answer to the integration tests'
+      question (benchmarks/bench_transformers.py has the side-by-side figures).
     * ``n_threads``: the physical cores this process may run on. ``torch.set_num_threads`` is
       process-wide, so the last backend loaded sets it for all.
     """

@@ -52,14 +52,14 @@ def test_jsonschemabench_sample_is_valid_or_rejected_clearly(smol: LLMClient) ->
         try:
             response = smol.chat.completions.create(
                 messages=[{"role": "user", "content": "Write one realistic example JSON document."}],
-                response_format=fmt, max_tokens=128)
+                response_format=fmt, max_tokens=96)
         except InvalidRequestError as exc:  # the engine's reason, never unconstrained output
             assert exc.param == "response_format" and "cannot be enforced" in str(exc), name
             continue
         if response.choices[0].finish_reason == "stop":
             finished += 1
             validate(response.choices[0].message.content or "", schema)
-    assert finished >= 10
+    assert finished >= 8
 
 
 @needs_corpus

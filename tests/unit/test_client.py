@@ -81,7 +81,7 @@ def test_interleaved_streams_on_one_thread_stay_correct() -> None:
     s1 = client.chat.completions.create(messages=[{"role": "user", "content": "first"}], stream=True)
     s2 = client.chat.completions.create(messages=[{"role": "user", "content": "second"}], stream=True)
     out1, out2 = [], []
-    for c1, c2 in zip(s1, s2):
+    for c1, c2 in zip(s1, s2, strict=True):
         out1.append(c1.choices[0].delta.content or "")
         out2.append(c2.choices[0].delta.content or "")
     assert "".join(out1) == "AAAA" and "".join(out2) == "BBBB"
@@ -153,7 +153,8 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x", "colour": "red"}]}, "messages[0].colour"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].type"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
