@@ -124,3 +124,37 @@ def test_concurrent_calls_match_serial_ones(smol: LLMClient) -> None:
         parallel = list(pool.map(
             lambda p: smol.chat.completions.create(messages=p, max_tokens=12).choices[0].message.content, prompts))
     assert parallel == serial
+
+
+def test_memory_trimming_round_trip_and_failures(smol: LLMClient, tmp_path: object) -> None:
+    from pathlib import Path
+
+    smol.enable_memory(max_tokens=200)
+    try:
+        smol.add_to_memory([{"role": "system", "content": "You are terse."}])
+        call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+        for i in range(6):
+            smol.add_to_memory([{"role": "user", "content": f"Question {i}: what do you know about topic {i}?"},
+                                {"role": "assistant", "content": None, "tool_calls": [call]},
+                                {"role": "tool", "tool_call_id": "call_1", "content": f"result {i}"},
+                                {"role": "assistant", "content": f"Topic {i} is interesting."}])
+        remembered = smol.memory
+        assert remembered[0] == {"role": "system", "content": "You are terse."}
+        assert smol.count_tokens(remembered) <= 200
+        assert remembered[-1]["content"] == "Topic 5 is interesting."
+        for i, message in enumerate(remembered):  # tool results never lose their call
+            if message["role"] == "tool":
+                assert remembered[i - 1].get("tool_calls")
+        with pytest.raises(TokenLimitError):
+            smol.chat.completions.create(messages=[{"role": "user", "content": "word " * 5000}])
+        with pytest.raises(InvalidRequestError):
+            smol.chat.completions.create(messages=[{"role": "user", "content": "hi"}], top_p=7)
+        assert smol.memory == remembered
+        path = Path(str(tmp_path)) / "memory.json"
+        smol.save_memory(path)
+        smol.clear_memory()
+        assert smol.memory == []
+        smol.load_memory(path)
+        assert smol.memory == remembered
+    finally:
+        smol.disable_memory()
