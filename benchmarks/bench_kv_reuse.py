@@ -50,13 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backends", nargs="+", default=["llama.cpp", "transformers"])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma-3-270m"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="kv_reuse")
     args = parser.parse_args()
     rows: dict[str, Any] = {}
     table = ["TTFT of the next turn, KV reuse vs cold evaluation of the same prompt, median of 5", "",
              "| model | backend | history tokens | warm ms | cold ms | warm / cold |", "|---|---|---|---|---|---|"]
     for model in args.models:
         for backend in args.backends:
-            client = LLMClient(model, backend=backend, temperature=0, context_length=4096).load()
+            client = LLMClient(model, backend=backend, temperature=0, context_length=4096,
+                               n_threads=args.threads).load()
             for target in TARGETS:
                 history = conversation(client, target)
                 prime = history[:-1]  # the previous request: everything up to the last reply
@@ -72,7 +75,7 @@ def main() -> None:
                                                        "ratio": warm / cold}
                 table.append(f"| {model} | {backend} | {tokens} | {warm * 1e3:.1f} | {cold * 1e3:.1f} | "
                              f"{warm / cold:.3f}x |")
-    write_results("kv_reuse", {"results": rows}, table)
+    write_results(args.out, {"threads": args.threads, "results": rows}, table)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,11 @@ MAX_TOKENS = 128
 
 
 def main() -> None:
-    threads = default_threads()
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=default_threads())
+    threads = parser.parse_args().threads
     client = LLMClient("smollm2-135m-instruct", temperature=0, n_threads=threads).load()
     path = str(client.resolved_model.path)
     backend = client.engine.backend
