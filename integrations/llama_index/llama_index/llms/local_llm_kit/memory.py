@@ -1,0 +1,123 @@
+"""Conversation memory for LlamaIndex, kept in real model tokens by local_llm_kit's own policy.
+
+:class:`LocalLLMKitMemory` is a LlamaIndex ``BaseMemory`` (usable as ``memory=`` of agents,
+``SimpleChatEngine`` and ``CondensePlusContextChatEngine``) backed by local_llm_kit's
+``ConversationMemory``: the budget is counted by rendering the model's chat template and
+tokenizing it, the system message is always kept, and the oldest whole turns go first, so an
+assistant's tool calls never lose their results.
+
+For LlamaIndex's own ``Memory``, ``llm.tokenizer_fn`` counts with the model's tokenizer instead
+of tiktoken: ``Memory.from_defaults(token_limit=..., tokenizer_fn=llm.tokenizer_fn)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.memory.types import BaseMemory
+from llama_index.llms.local_llm_kit import _convert
+from llama_index.llms.local_llm_kit.base import LocalLLMKit
+
+from local_llm_kit import InvalidRequestError
+from local_llm_kit.memory import ConversationMemory
+from local_llm_kit.request import normalize_messages
+
+__all__ = ["LocalLLMKitMemory"]
+
+
+class LocalLLMKitMemory(BaseMemory):
+    """Chat history within ``token_limit`` model tokens (chat template included), trimmed turn by turn."""
+
+    token_limit: int = Field(gt=0, description="Budget of the remembered history, in real model tokens.")
+    llm: LocalLLMKit = Field(exclude=True, description="The model whose tokenizer and template count the budget.")
+
+    _memory: ConversationMemory = PrivateAttr()
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        client = self.llm.client
+        self._memory = ConversationMemory(self.token_limit, lambda messages: client.count_tokens(messages))
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LocalLLMKitMemory"
+
+    @classmethod
+    def from_defaults(cls, llm: LocalLLMKit | None = None, token_limit: int | None = None,  # type: ignore[override]
+                      chat_history: list[ChatMessage] | None = None, **kwargs: Any) -> LocalLLMKitMemory:
+        """Memory for ``llm`` (default: ``Settings.llm``); the default budget leaves room for one reply."""
+        if kwargs:
+            name = sorted(kwargs)[0]
+            raise InvalidRequestError(f"LocalLLMKitMemory.from_defaults() got an unexpected argument {name!r}",
+                                      param=name)
+        if llm is None:
+            from llama_index.core import Settings
+
+            llm = Settings.llm  # type: ignore[assignment]
+        if not isinstance(llm, LocalLLMKit):
+            raise InvalidRequestError(f"llm must be a LocalLLMKit (its tokenizer counts the budget), got "
+                                      f"{type(llm).__name__}", param="llm")
+        if token_limit is None:
+            token_limit = llm.metadata.context_window - llm.metadata.num_output
+        memory = cls(llm=llm, token_limit=token_limit)
+        if chat_history:
+            memory.set(chat_history)
+        return memory
+
+    @property
+    def tokenizer_fn(self) -> Callable[[str], list[int]]:
+        """The model's tokenizer: chat engines count their system prompt with it (``initial_token_count``)."""
+        return self.llm.tokenizer_fn
+
+    def token_count(self) -> int:
+        """Tokens of the remembered history as the model sees it (chat template rendered)."""
+        return self._memory.token_count()
+
+    @property
+    def trimmed_total(self) -> int:
+        """Messages dropped by trimming so far."""
+        return self._memory.trimmed_total
+
+    # -- BaseMemory -----------------------------------------------------------------------
+    def get(self, input: str | None = None, initial_token_count: int = 0, **kwargs: Any) -> list[ChatMessage]:
+        """The history to send; with ``initial_token_count`` (a prompt sent with it), older turns are
+        left out of this call until both fit the budget. The system message always stays."""
+        if kwargs:
+            name = sorted(kwargs)[0]
+            raise InvalidRequestError(f"LocalLLMKitMemory.get() got an unexpected argument {name!r}", param=name)
+        if initial_token_count > self.token_limit:
+            raise InvalidRequestError(f"initial_token_count {initial_token_count} exceeds token_limit "
+                                      f"{self.token_limit}", param="initial_token_count")
+        candidates = self._memory.candidates()  # from the whole history to the most trimmed
+        chosen = candidates[0]
+        if initial_token_count:
+            client = self.llm.client
+            chosen = candidates[-1]
+            for candidate in candidates:
+                tokens = client.count_tokens(candidate) if candidate else 0
+                if tokens + initial_token_count <= self.token_limit:
+                    chosen = candidate
+                    break
+        return [_convert.message_from_openai(m) for m in chosen]
+
+    def get_all(self) -> list[ChatMessage]:
+        return [_convert.message_from_openai(m) for m in self._memory.messages]
+
+    def put(self, message: ChatMessage) -> None:
+        self.put_messages([message])
+
+    def put_messages(self, messages: Sequence[ChatMessage]) -> None:  # type: ignore[override]
+        self._memory.add(_normalized(messages))
+
+    def set(self, messages: Sequence[ChatMessage]) -> None:  # type: ignore[override]
+        self._memory.replace(_normalized(messages))
+
+    def reset(self) -> None:
+        self._memory.clear()
+
+
+def _normalized(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    return normalize_messages(_convert.to_openai_messages(messages))
