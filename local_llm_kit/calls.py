@@ -11,15 +11,23 @@ the same parser shape whole replies and stream deltas.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from local_llm_kit.errors import TemplateError
 from local_llm_kit.templates import ChatTemplate
 
 __all__ = ["GENERIC_FORMAT", "CallFormat", "CallParser", "Event", "canonical_arguments", "native_format",
            "new_call_id"]
+
+logger = logging.getLogger(__name__)
+
+PROBE_ERRORS = (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError)
+"""What a chat template raises on a conversation it does not accept (its own ``raise_exception``, or
+Jinja tripping over data shaped differently than it expects). Anything else is a bug and propagates."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,9 @@ def native_format(template: ChatTemplate) -> CallFormat | None:
                                add_generation_prompt=False, tools=tools)
         one = template.render([*user, {"role": "assistant", "content": "", "tool_calls": [call(1)]}],
                               add_generation_prompt=False, tools=tools)
-    except Exception:  # a template that cannot render the probe cannot be trusted with calls
+    except PROBE_ERRORS as exc:  # a template that cannot render the probe cannot be trusted with calls
+        logger.info("the chat template cannot render a tool call (%s: %s); using the generic call format",
+                    type(exc).__name__, exc)
         return None
     if not (text.startswith(prompt) and one.startswith(prompt)):
         return None
@@ -121,7 +131,8 @@ def _separator(template: ChatTemplate, prompt: str, call: Any, first: str, end_o
         two = template.render([{"role": "user", "content": "probe"},
                                {"role": "assistant", "content": "", "tool_calls": [call(1), call(2)]}],
                               add_generation_prompt=False, tools=[_PROBE_TOOL])
-    except Exception:  # e.g. "This model only supports single tool-calls at once!"
+    except PROBE_ERRORS as exc:  # e.g. "This model only supports single tool-calls at once!"
+        logger.info("the chat template writes one call per reply (%s)", exc)
         return None
     replies = two[len(prompt):]
     second = first.replace('"probe_arg": 1}', '"probe_arg": 2}') + end_of_turn

@@ -50,6 +50,7 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
+from local_llm_kit.closing import closer_for
 from local_llm_kit.errors import InvalidRequestError
 
 __all__ = [
@@ -72,6 +73,18 @@ logger = logging.getLogger(__name__)
 
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """How generated JSON is laid out (see the module docstring)."""
+
+# Budget-aware closing: every token is checked exactly once the budget left is within a margin of
+# what the completion needs; farther away the completion is re-checked every _REFRESH tokens. One
+# token can make the completion grow by a whole new structure (a new call, a new array item), so
+# the margin holds several times the shortest whole reply and the current completion.
+_MARGIN = 64
+_REFRESH = 8
+
+
+def _margin(length: int, shortest: int) -> int:
+    return _MARGIN + 2 * length + 2 * shortest
+
 
 # Characters with a meaning in llguidance's (Rust) regex syntax, plus the Lark delimiter.
 _REGEX_META = set("\\.+*?()|[]{}^$#&-~/")
@@ -158,17 +171,22 @@ class CallSyntax:
 
 def tool_call_grammar(tools: Sequence[tuple[str, Mapping[str, Any]]], syntax: CallSyntax, *,
                       content: Literal["text", "json", "none", "forbid"], parallel: bool,
-                      content_schema: Mapping[str, Any] | None = None) -> str:
+                      content_schema: Mapping[str, Any] | None = None, max_calls: int = 8) -> str:
     """A Lark grammar for a reply made of tool calls, optionally after (or instead of) content.
 
     ``content``: "none" means calls only; "text" free text, then optionally calls; "json" a JSON
     value matching ``content_schema`` or calls; "forbid" free text in which no call can start.
-    Each call is ``open {"name": "<one of tools>", "<args_key>": <its schema>} close``.
+    Each call is ``open {"name": "<one of tools>", "<args_key>": <its schema>} close``; with
+    ``parallel`` (and a format that can write several) up to ``max_calls`` follow each other.
     """
     open_ = f"<[{syntax.open_token}]>" if syntax.open_token is not None else lark_string(syntax.open)
     close = f"<[{syntax.close_token}]>" if syntax.close_token is not None else lark_string(syntax.close)
-    many = parallel and syntax.separator is not None
-    rest = f" ({lark_string(syntax.separator or '')} {open_} body {close})*" if many else ""
+    many = parallel and syntax.separator is not None and max_calls > 1
+    rest = ""
+    if many:  # nested optionals: at most max_calls - 1 more calls
+        more = f"{lark_string(syntax.separator or '')} {open_} body {close}"
+        for _ in range(max_calls - 1):
+            rest = f" ({more}{rest})?"
     if syntax.open_token is not None:  # free text cannot produce a special token: no lookahead needed
         text_rule, head_rule, with_calls = "TEXT: /(?s:.+)/", None, "TEXT? calls"
     else:
@@ -205,10 +223,25 @@ class CompiledGrammar:
         self.grammar = grammar
         self.compile_seconds = compile_seconds
         self._prototype = matcher
+        self._min_tokens: dict[tuple[int, frozenset[int]], int | None] = {}
+        self._lock = threading.Lock()
 
     def matcher(self) -> llguidance.LLMatcher:
         """A matcher at the grammar's start (a copy of the compiled prototype, ~5 µs)."""
         return self._prototype.deep_copy()
+
+    def min_tokens(self, n_vocab: int, eos_token_ids: Collection[int]) -> int | None:
+        """Tokens of the shortest reply found that the grammar accepts (None: none found); cached."""
+        excluded = frozenset(eos_token_ids) | frozenset(self.tokenizer.eos_tokens)
+        key = (n_vocab, excluded)
+        with self._lock:
+            if key in self._min_tokens:
+                return self._min_tokens[key]
+        path = closer_for(self.tokenizer).complete(self._prototype, excluded, min(n_vocab, self.tokenizer.vocab_size))
+        result = None if path is None else len(path)
+        with self._lock:
+            self._min_tokens[key] = result
+        return result
 
 
 class GrammarCache:
@@ -224,6 +257,17 @@ class GrammarCache:
 
     def compile(self, tokenizer: llguidance.LLTokenizer, grammar: str, *, param: str) -> CompiledGrammar:
         """The compiled grammar, or :class:`InvalidRequestError` naming ``param`` with the engine's reason."""
+        result = self._lookup(tokenizer, grammar)
+        if isinstance(result, str):
+            raise InvalidRequestError(f"{param} cannot be enforced: {result}", param=param)
+        return result
+
+    def error(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> str | None:
+        """The engine's reason for rejecting ``grammar``, or None when it compiles (and is now cached)."""
+        result = self._lookup(tokenizer, grammar)
+        return result if isinstance(result, str) else None
+
+    def _lookup(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> CompiledGrammar | str:
         key = (id(tokenizer), grammar)
         with self._lock:
             entry = self._entries.get(key)
@@ -237,10 +281,7 @@ class GrammarCache:
                 self._entries[key] = entry  # the tokenizer is kept alive, so its id stays unique
                 while len(self._entries) > self.max_entries:
                     self._entries.popitem(last=False)
-        result = entry[1]
-        if isinstance(result, str):
-            raise InvalidRequestError(f"{param} cannot be enforced: {result}", param=param)
-        return result
+        return entry[1]
 
     @staticmethod
     def _build(tokenizer: llguidance.LLTokenizer, grammar: str) -> CompiledGrammar | str:
@@ -311,6 +352,17 @@ class GrammarConstraint:
         self._forced_first = self._take_forced()
         self._stats = GrammarConstraint.stats
         self._step_started: float | None = None
+        # Budget-aware closing (see fit()): a known valid completion from the current state.
+        self._closer = closer_for(compiled.tokenizer)
+        self._excluded = frozenset(backend_eos | grammar_eos)
+        self._path: list[int] | None = None
+        """Tokens that complete the reply from the current state; None when not known now."""
+        self._last_path: list[int] | None = None
+        """The last completion found: often still valid a few tokens later (inside a string)."""
+        self._known = 0
+        self._stale = _REFRESH
+        self._trial: tuple[int, list[int], list[int]] | None = None
+        self._shortest = compiled.min_tokens(n_vocab, eos_token_ids) or 0
 
     def _take_forced(self) -> list[int]:
         forced = list(self._matcher.compute_ff_tokens())
@@ -386,6 +438,7 @@ class GrammarConstraint:
         if forced and not self._matcher.consume_tokens(forced):
             self._check()
         self._forced_first = []
+        self._advance_path(token, forced)
         if self._stats is not None:
             self._stats.sampled_tokens += 1
             self._stats.forced_tokens += len(forced)
@@ -397,3 +450,82 @@ class GrammarConstraint:
     def is_complete(self) -> bool:
         """True once the grammar allows nothing but ending."""
         return bool(self._matcher.is_stopped())
+
+    # -- budget-aware closing ---------------------------------------------------------------
+    def fit(self, token: int, remaining: int) -> int | None:
+        """The token to take when at most ``remaining`` tokens (this one included) may follow.
+
+        ``token`` itself while the reply can still be completed after it within the budget;
+        otherwise the next token of a completion found by :class:`~local_llm_kit.closing.Closer`,
+        so the reply always ends accepted by the grammar. None: the reply is complete and nothing
+        more fits (the loop then ends it). Far from the end of the budget this costs nothing; near
+        it, one trial step of the matcher per token, and a completion search when the structure
+        changed.
+        """
+        if token in self._eos:
+            return token  # allowed only where the grammar may end
+        path = self._path
+        if path is None:
+            if remaining - self._known > _margin(self._known, self._shortest) and self._stale < _REFRESH:
+                return token
+            path = self._refresh()
+            if path is None:
+                return token  # no completion found: nothing to steer to (logged by _refresh)
+        if remaining - len(path) > _margin(len(path), self._shortest):
+            return token
+        if path and token == path[0]:
+            return token
+        after = self._try(token)
+        if after is not None and 1 + len(after[0]) + len(after[1]) <= remaining:
+            self._trial = (token, *after)
+            return token
+        return path[0] if path else None
+
+    def _valid(self, path: list[int]) -> bool:
+        """Whether ``path`` takes the current state to an accepting one (the matcher is left as is)."""
+        consumed = self._matcher.try_consume_tokens(path)
+        ok = consumed == len(path) and self._matcher.is_accepting()
+        if consumed:
+            self._matcher.rollback(consumed)
+        return ok
+
+    def _completion(self) -> list[int] | None:
+        if self._last_path is not None and self._valid(self._last_path):
+            return list(self._last_path)
+        return self._closer.complete(self._matcher, self._excluded, self._n)
+
+    def _refresh(self) -> list[int] | None:
+        path = self._completion()
+        self._stale = 0
+        if path is None:
+            logger.warning("no valid completion found from the current grammar state; the reply may be cut")
+            self._known = 0
+            return None
+        self._path = self._last_path = path
+        self._known = len(path)
+        return path
+
+    def _try(self, token: int) -> tuple[list[int], list[int]] | None:
+        """The forced tokens after ``token`` and a completion from there (the matcher is left as is)."""
+        if not self._matcher.consume_token(token):
+            self._check()
+            return None
+        forced = self._take_forced()
+        steps = 1
+        if forced and self._matcher.consume_tokens(forced):
+            steps += len(forced)
+        path = self._completion()
+        self._matcher.rollback(steps)
+        return None if path is None else (forced, path)
+
+    def _advance_path(self, token: int, forced: list[int]) -> None:
+        trial, self._trial = self._trial, None
+        if trial is not None and trial[0] == token and trial[1] == forced:
+            self._path = self._last_path = trial[2]
+        elif self._path and self._path[0] == token and self._path[1:1 + len(forced)] == forced:
+            self._path = self._last_path = self._path[1 + len(forced):]
+        else:
+            self._path = None
+            self._stale += 1
+            return
+        self._known, self._stale = len(self._path), 0

@@ -47,6 +47,11 @@ class Constraint(Protocol):
     def is_complete(self) -> bool:
         """True once the grammar is satisfied and allows nothing but ending."""
 
+    def fit(self, token: int, remaining: int) -> int | None:
+        """The token to take, given that at most ``remaining`` tokens (this one included) may follow:
+        ``token`` itself while the structure can still be completed after it, else the next token of
+        a completion the grammar accepts; None when the reply is complete and nothing more fits."""
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -131,26 +136,35 @@ def generate(
     want_logprobs = settings.top_logprobs is not None
     generated: list[int] = []
 
+    steered = False
     owner = object()
     logits = prefill(backend, prompt)
     backend.owner = owner
     while True:
         if cancel is not None and cancel.is_set():
             return
-        if len(generated) >= settings.max_tokens or len(prompt) + len(generated) >= backend.n_ctx:
+        remaining = min(settings.max_tokens - len(generated), backend.n_ctx - len(prompt) - len(generated))
+        fitted: int | None = None
+        if remaining > 0:
+            sampler.process(logits)
+            if constraint is not None and want_logprobs:
+                constraint.mask_logits(logits)  # logprobs must describe the distribution sampled from
+            token = sampler.sample(logits)
+            if constraint is not None and not want_logprobs and not constraint.allows(token):
+                constraint.mask_logits(logits)
+                token = sampler.sample(logits)
+            # Budget-aware closing: near the end of the budget a structure is steered to a
+            # completion the grammar accepts, so a reply cut by max_tokens still parses.
+            fitted = token if constraint is None else constraint.fit(token, remaining)
+        if fitted is None:
             tail = decoder.flush() + stops.flush()
             if tail:
                 yield TextPiece(tail, [])
             yield Finished("length", generated)
             return
-
-        sampler.process(logits)
-        if constraint is not None and want_logprobs:
-            constraint.mask_logits(logits)  # logprobs must describe the distribution sampled from
-        token = sampler.sample(logits)
-        if constraint is not None and not want_logprobs and not constraint.allows(token):
-            constraint.mask_logits(logits)
-            token = sampler.sample(logits)
+        # A reply steered to its end by the budget was cut, whatever way it ends now.
+        steered = steered or fitted != token
+        token = fitted
         entry = None
         if want_logprobs:
             entry = _logprob_entry(backend, token, log_softmax(logits), settings.top_logprobs or 0)
@@ -161,12 +175,13 @@ def generate(
         if token in eos:
             tail = decoder.flush() + stops.flush()
             yield TextPiece(tail, [token], None if entry is None else [entry])
-            yield Finished("stop", generated)
+            yield Finished("length" if steered else "stop", generated)
             return
 
         if constraint is not None:
             forced = constraint.consume(token)
-            room = settings.max_tokens - len(generated)
+            # The budget check above keeps forced tokens within it; this cut is a last resort.
+            room = min(settings.max_tokens, backend.n_ctx - len(prompt)) - len(generated)
             forced = forced[:room]
             for forced_token in forced:
                 sampler.accept(forced_token)
@@ -186,7 +201,7 @@ def generate(
             tail = decoder.flush() + stops.flush()
             if tail:
                 yield TextPiece(tail, [])
-            yield Finished("stop", generated)
+            yield Finished("length" if steered else "stop", generated)
             return
         if len(generated) < settings.max_tokens and len(prompt) + len(generated) < backend.n_ctx:
             if backend.owner is owner:

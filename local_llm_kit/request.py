@@ -12,6 +12,8 @@ from typing import Any
 
 from local_llm_kit.config import check_sampling
 from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.formats import JsonSpec, parse_response_format
+from local_llm_kit.tools import ToolPlan, parse_tools
 
 __all__ = ["ChatRequest", "normalize_messages", "validate_request"]
 
@@ -20,7 +22,9 @@ _MESSAGE_KEYS = {
     "system": {"role", "content", "name"},
     "developer": {"role", "content", "name"},
     "user": {"role", "content", "name"},
-    "assistant": {"role", "content", "name", "tool_calls", "function_call", "refusal", "annotations", "audio"},
+    # schema_violations: our own report on a reply (see schemas.py), so a reply can be sent back as is.
+    "assistant": {"role", "content", "name", "tool_calls", "function_call", "refusal", "annotations", "audio",
+                  "schema_violations"},
     "tool": {"role", "content", "tool_call_id", "name"},
     "function": {"role", "content", "name"},
 }
@@ -54,15 +58,26 @@ class ChatRequest:
     parallel_tool_calls: bool | None = None
     functions: tuple[dict[str, Any], ...] | None = None
     function_call: str | dict[str, Any] | None = None
+    json_spec: JsonSpec | None = None
+    """``response_format`` parsed: None for free text."""
+    tool_plan: ToolPlan | None = None
+    """``tools``/``functions`` and their choice parameters parsed: None without tools."""
 
     @classmethod
     def for_counting(cls, messages: Sequence[dict[str, Any]],
-                     tools: Sequence[dict[str, Any]] | None = None) -> ChatRequest:
-        """A request that only renders ``messages`` (and ``tools``): for exact token counts."""
+                     tools: Sequence[dict[str, Any]] | None = None, *,
+                     tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool | None = None,
+                     response_format: dict[str, Any] | None = None,
+                     functions: Sequence[dict[str, Any]] | None = None,
+                     function_call: str | dict[str, Any] | None = None) -> ChatRequest:
+        """A request that only renders ``messages`` and what changes the prompt: for exact token counts."""
+        structured = _structured({"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls":
+                                  parallel_tool_calls, "response_format": response_format,
+                                  "functions": functions, "function_call": function_call}, stop=())
         return cls(messages=tuple(messages), model=None, temperature=0.0, top_p=1.0, max_tokens=None,
                    stream=False, include_usage=False, stop=(), seed=None, n=1, presence_penalty=0.0,
                    frequency_penalty=0.0, logit_bias={}, logprobs=False, top_logprobs=None, user=None,
-                   tools=_tuple_of_dicts(tools, "tools"))
+                   **structured)
 
 
 def _as_dict(item: Any, where: str) -> dict[str, Any]:
@@ -104,6 +119,28 @@ def _normalize_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return normalized
 
 
+def _assistant_content(message: Mapping[str, Any], content: Any, where: str) -> Any:
+    """An assistant message's text as the model said it: a ``refusal`` is what it said.
+
+    ``annotations`` (citations of a web search) and ``audio`` (a spoken reply) are outputs of
+    OpenAI's service that a local model can neither produce nor read: ``None`` or empty is
+    accepted (replayed responses carry them), anything else raises rather than being dropped.
+    """
+    for key in ("annotations", "audio"):
+        if message.get(key):
+            raise InvalidRequestError(
+                f"{where}.{key} is not supported by local models; remove it from the message", param=f"{where}.{key}")
+    refusal = message.get("refusal")
+    if refusal is None:
+        return content
+    if not isinstance(refusal, str):
+        raise InvalidRequestError(f"{where}.refusal must be a string", param=f"{where}.refusal")
+    if content:
+        raise InvalidRequestError(f"{where} has both content and refusal; an assistant reply is one or the other",
+                                  param=f"{where}.refusal")
+    return refusal
+
+
 def normalize_messages(messages: Any, param: str = "messages") -> list[dict[str, Any]]:
     """Validate messages; return plain dicts with string content and ``developer`` as ``system``."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -122,6 +159,8 @@ def normalize_messages(messages: Any, param: str = "messages") -> list[dict[str,
                                       param=f"{where}.{sorted(unknown)[0]}")
         out: dict[str, Any] = {"role": "system" if role == "developer" else role}
         content = message.get("content")
+        if role == "assistant":
+            content = _assistant_content(message, content, where)
         has_call = bool(message.get("tool_calls") or message.get("function_call"))
         if content is None and not (role == "assistant" and has_call):
             raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
@@ -195,6 +234,26 @@ def _tuple_of_dicts(value: Any, name: str) -> tuple[dict[str, Any], ...] | None:
     return tuple(_as_dict(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
+def _structured(args: Mapping[str, Any], stop: tuple[str, ...]) -> dict[str, Any]:
+    """The ChatRequest fields of structured output: raw values (forwarded as given) and parsed ones."""
+    parallel = args.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequestError("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
+    response_format = (None if args.get("response_format") is None
+                       else _as_dict(args["response_format"], "response_format"))
+    tools = _tuple_of_dicts(args.get("tools"), "tools")
+    functions = _tuple_of_dicts(args.get("functions"), "functions")
+    json_spec = parse_response_format(response_format)
+    plan = parse_tools(tools, args.get("tool_choice"), parallel, functions, args.get("function_call"))
+    if stop and (json_spec is not None or (plan is not None and plan.choice != "none")):
+        raise InvalidRequestError(
+            "stop cannot be combined with response_format JSON or tool calls: a stop string could cut "
+            "the structure the grammar guarantees", param="stop")
+    return {"response_format": response_format, "tools": tools, "tool_choice": args.get("tool_choice"),
+            "parallel_tool_calls": parallel, "functions": functions, "function_call": args.get("function_call"),
+            "json_spec": json_spec, "tool_plan": plan}
+
+
 def validate_request(args: dict[str, Any], *, default_temperature: float, default_top_p: float,
                      n_vocab: int) -> ChatRequest:
     """Turn ``create()``'s keyword arguments into a :class:`ChatRequest` or raise."""
@@ -235,12 +294,10 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
     top_p = args.get("top_p")
     penalty = {name: check_sampling(name, args.get(name) or 0.0, -2.0, 2.0)
                for name in ("presence_penalty", "frequency_penalty")}
-    parallel = args.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise InvalidRequestError("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
     model = args.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequestError("model must be a string", param="model")
+    stop = _stop(args.get("stop"))
     return ChatRequest(
         messages=tuple(messages),
         model=model,
@@ -250,7 +307,7 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
         max_tokens=max_tokens if max_tokens is not None else max_completion,
         stream=stream,
         include_usage=include_usage,
-        stop=_stop(args.get("stop")),
+        stop=stop,
         seed=_optional_int("seed", args.get("seed"), -(2**63), 2**63 - 1),
         n=_optional_int("n", args.get("n"), 1, MAX_N) or 1,
         presence_penalty=penalty["presence_penalty"],
@@ -259,11 +316,5 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
         logprobs=logprobs,
         top_logprobs=top_logprobs if top_logprobs is not None else (0 if logprobs else None),
         user=user,
-        response_format=(None if args.get("response_format") is None
-                         else _as_dict(args["response_format"], "response_format")),
-        tools=_tuple_of_dicts(args.get("tools"), "tools"),
-        tool_choice=args.get("tool_choice"),
-        parallel_tool_calls=parallel,
-        functions=_tuple_of_dicts(args.get("functions"), "functions"),
-        function_call=args.get("function_call"),
+        **_structured(args, stop),
     )

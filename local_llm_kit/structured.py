@@ -1,26 +1,32 @@
 """Output modes for structured requests: JSON (``response_format``) and tool / function calls.
 
-:func:`select_output_mode` turns a validated request into one :class:`StructuredOutput` (or
-plain text): it validates ``response_format``, ``tools``/``tool_choice``/``parallel_tool_calls``
-and the legacy ``functions``/``function_call``, compiles the grammar that guarantees the reply's
-shape (an uncompilable schema raises :class:`~local_llm_kit.errors.InvalidRequestError`; there
-is never a silent fallback to unconstrained text), and shapes what the model wrote into
+The request arrives validated: ``request.json_spec`` and ``request.tool_plan`` hold the parsed
+``response_format`` and tools (see :mod:`local_llm_kit.request`). :func:`select_output_mode` only
+chooses and builds: it decides which parts of each schema the grammar enforces
+(:mod:`local_llm_kit.schemas`, following ``strict``), compiles the grammar that guarantees the
+reply's shape (an uncompilable schema raises :class:`~local_llm_kit.errors.InvalidRequestError`;
+there is never a silent fallback to unconstrained text), checks that ``max_tokens`` can hold the
+shortest valid reply, and returns a :class:`StructuredOutput` that shapes what the model wrote into
 ``message.content`` / ``message.tool_calls`` / ``message.function_call``, whole or as deltas.
 Whole replies are built by running the streaming parser over the whole text, so a stream's
 concatenated deltas always equal the non-streamed message.
 
+Every finish yields a complete structure: the decode loop steers a reply that is about to run out
+of ``max_tokens`` to a completion the grammar accepts (``finish_reason`` is then ``"length"``; see
+:meth:`local_llm_kit.constraints.GrammarConstraint.fit`). Keywords a non-strict schema could not
+have enforced are checked on the finished output; violations are listed in
+``message.schema_violations``.
+
 JSON modes add a short instruction to the system prompt ("respond with JSON", plus the schema
-when it is at most :data:`MAX_SCHEMA_PROMPT_CHARS` long); small models write far better values
-when they know a JSON reply is expected. ``stop`` cannot be combined with JSON or tool-call
-output: a stop string could cut the structure the grammar guarantees.
+when it is at most :data:`~local_llm_kit.formats.MAX_SCHEMA_PROMPT_CHARS` long); small models
+write far better values when they know a JSON reply is expected.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from local_llm_kit.calls import GENERIC_FORMAT, CallFormat, CallParser, native_format, new_call_id
@@ -35,9 +41,11 @@ from local_llm_kit.constraints import (
 from local_llm_kit.decoding import Constraint
 from local_llm_kit.engine import Engine
 from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.formats import MAX_SCHEMA_PROMPT_CHARS, JsonSpec, parse_response_format
 from local_llm_kit.output import OutputMode, StreamShaper, TextOutput
 from local_llm_kit.request import ChatRequest
-from local_llm_kit.tools import NAME_RE, ToolPlan, parse_tool_request, rewrite_history, tool_prompt
+from local_llm_kit.schemas import EnforcedSchema, enforce
+from local_llm_kit.tools import ToolPlan, rewrite_history, tool_prompt
 from local_llm_kit.types import (
     Delta,
     FinishReason,
@@ -51,89 +59,7 @@ from local_llm_kit.types import (
 __all__ = ["MAX_SCHEMA_PROMPT_CHARS", "JsonSpec", "StructuredOutput", "parse_response_format",
            "select_output_mode"]
 
-MAX_SCHEMA_PROMPT_CHARS = 3000
-"""Longer schemas are enforced but not repeated in the prompt (they would crowd a small context)."""
-
-
-@dataclass(frozen=True)
-class JsonSpec:
-    """A validated JSON ``response_format``."""
-
-    schema: dict[str, Any]
-    name: str | None = None
-    description: str | None = None
-    any_object: bool = False
-    """True for ``{"type": "json_object"}`` without a schema."""
-
-    def instruction(self) -> str:
-        if self.any_object:
-            return "Respond only with a JSON object."
-        text = json.dumps(self.schema, ensure_ascii=False, separators=(",", ":"))
-        about = f" ({self.name}{': ' + self.description if self.description else ''})" if self.name else ""
-        if len(text) > MAX_SCHEMA_PROMPT_CHARS:
-            return f"Respond only with JSON{about}."
-        return f"Respond only with JSON{about} that matches this JSON Schema:\n{text}"
-
-
-def _keys(value: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise InvalidRequestError(f"{where} has unsupported keys {unknown} (allowed: {sorted(allowed)})",
-                                  param="response_format")
-
-
-def parse_response_format(value: Mapping[str, Any] | None) -> JsonSpec | None:
-    """Validate ``response_format``; None means free text."""
-    if value is None:
-        return None
-    kind = value.get("type")
-    if kind == "text":
-        _keys(value, {"type"}, "response_format")
-        return None
-    if kind == "json_object":  # "schema" is llama-cpp-python's extension
-        _keys(value, {"type", "schema"}, "response_format")
-        schema = value.get("schema")
-        if schema is None:
-            return JsonSpec({"type": "object"}, any_object=True)
-        return JsonSpec(_schema(schema, "response_format.schema"))
-    if kind == "json_schema":
-        _keys(value, {"type", "json_schema"}, "response_format")
-        spec: Any = value.get("json_schema")
-        if hasattr(spec, "model_dump"):
-            spec = spec.model_dump(exclude_none=True, by_alias=True)
-        if not isinstance(spec, Mapping):
-            raise InvalidRequestError("response_format.json_schema must be an object",
-                                      param="response_format")
-        _keys(spec, {"name", "schema", "strict", "description"}, "response_format.json_schema")
-        name = spec.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise InvalidRequestError(
-                "response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
-                param="response_format")
-        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
-            raise InvalidRequestError("response_format.json_schema.strict must be a boolean",
-                                      param="response_format")
-        description = spec.get("description")
-        if description is not None and not isinstance(description, str):
-            raise InvalidRequestError("response_format.json_schema.description must be a string",
-                                      param="response_format")
-        schema = spec.get("schema")
-        if schema is None:
-            return JsonSpec({"type": "object"}, name, description, any_object=True)
-        return JsonSpec(_schema(schema, "response_format.json_schema.schema"), name, description)
-    raise InvalidRequestError(
-        f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-        param="response_format")
-
-
-def _schema(schema: Any, where: str) -> dict[str, Any]:
-    if not isinstance(schema, Mapping):
-        raise InvalidRequestError(f"{where} must be a JSON Schema object", param="response_format")
-    try:
-        return dict(json.loads(json.dumps(schema)))
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"{where} is not JSON-serialisable: {exc}",
-                                  param="response_format") from exc
+logger = logging.getLogger(__name__)
 
 
 # -- the output mode -----------------------------------------------------------------------
@@ -141,11 +67,14 @@ class StructuredOutput:
     """One request's prompt additions, grammar and result shaping (an ``OutputMode``)."""
 
     def __init__(self, engine: Engine, *, fmt: CallFormat, plan: ToolPlan | None, json_spec: JsonSpec | None,
-                 grammar: CompiledGrammar | None) -> None:
+                 grammar: CompiledGrammar | None, content_check: EnforcedSchema | None = None,
+                 call_checks: Mapping[str, EnforcedSchema] | None = None) -> None:
         self.fmt = fmt
         self.plan = plan
         self.json_spec = json_spec
         self._grammar = grammar
+        self._content_check = content_check
+        self._call_checks = dict(call_checks or {})
         self._n_vocab = engine.backend.info.n_vocab
         self._eos = engine.backend.info.eos_token_ids
         native_tools = plan is not None and fmt.native
@@ -187,7 +116,8 @@ class StructuredOutput:
     def finalize(self, text: str, reason: str) -> tuple[Message, FinishReason]:
         parser = self._parser()
         if parser is None:
-            return Message(role="assistant", content=text), self._reason(reason, False)
+            return (Message(role="assistant", content=text, schema_violations=self.violations(text, []) or None),
+                    self._reason(reason, False))
         content: list[str] = []
         calls: list[list[str]] = []
         for kind, _, value in [*parser.feed(text), *parser.finish()]:
@@ -203,7 +133,22 @@ class StructuredOutput:
         elif calls:
             message.tool_calls = [ToolCall(id=new_call_id(), function=FunctionCall(name=n, arguments=a))
                                   for n, a in calls]
+        message.schema_violations = self.violations("".join(content), [(n, a) for n, a in calls]) or None
         return message, self._reason(reason, bool(calls))
+
+    def violations(self, content: str, calls: Sequence[tuple[str, str]]) -> list[str]:
+        """What the finished reply breaks of keywords the grammar did not enforce (non-strict schemas)."""
+        found: list[str] = []
+        if self._content_check is not None and content and not calls:
+            found += [f"content{v}" for v in self._content_check.violations(content)]
+        for i, (name, arguments) in enumerate(calls):
+            check = self._call_checks.get(name)
+            if check is not None:
+                where = "function_call" if self.plan is not None and self.plan.legacy else f"tool_calls[{i}]"
+                found += [f"{where} ({name}) arguments{v}" for v in check.violations(arguments)]
+        if found:
+            logger.warning("the reply breaks schema keywords that were not enforced: %s", "; ".join(found))
+        return found
 
     def stream_shaper(self) -> StreamShaper:
         return _Shaper(self, self._parser())
@@ -214,6 +159,18 @@ class _Shaper:
         self._output = output
         self._parser = parser
         self._legacy = output.plan is not None and output.plan.legacy
+        self._content: list[str] = []
+        self._calls: list[list[str]] = []
+
+    def _record(self, events: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+        for kind, _, value in events:
+            if kind == "content":
+                self._content.append(value)
+            elif kind == "call":
+                self._calls.append([value, ""])
+            else:
+                self._calls[-1][1] += value
+        return events
 
     def _deltas(self, events: list[tuple[str, int, str]]) -> list[Delta]:
         deltas: list[Delta] = []
@@ -246,14 +203,17 @@ class _Shaper:
 
     def feed(self, text: str) -> list[Delta]:
         if self._parser is None:
+            self._content.append(text)
             return [Delta(content=text)] if text else []
-        return self._deltas(self._parser.feed(text))
+        return self._deltas(self._record(self._parser.feed(text)))
 
     def finish(self, reason: str) -> tuple[list[Delta], FinishReason]:
-        if self._parser is None:
-            return [], self._output._reason(reason, False)
-        deltas = self._deltas(self._parser.finish())
-        return deltas, self._output._reason(reason, bool(self._parser.names))
+        deltas = [] if self._parser is None else self._deltas(self._record(self._parser.finish()))
+        called = self._parser is not None and bool(self._parser.names)
+        violations = self._output.violations("".join(self._content), [(n, a) for n, a in self._calls])
+        if violations:  # known only once the reply is whole: sent on a delta of its own
+            deltas.append(Delta(schema_violations=violations))
+        return deltas, self._output._reason(reason, called)
 
 
 def _has_tool_history(messages: Sequence[Mapping[str, Any]]) -> bool:
@@ -287,42 +247,56 @@ def _single_special(engine: Engine, text: str) -> int | None:
 
 
 def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
-    """The output mode for ``request``: validates the structured parameters and compiles the grammar."""
-    json_spec = parse_response_format(request.response_format)
-    plan = parse_tool_request(request)
+    """The output mode for ``request``: decides what each schema enforces and compiles the grammar."""
+    json_spec, plan = request.json_spec, request.tool_plan
     has_history = _has_tool_history(request.messages)
     if json_spec is None and plan is None and not has_history:
         return TextOutput()
     fmt = call_format(engine)
-    if request.stop and (json_spec is not None or (plan is not None and plan.choice != "none")):
-        raise InvalidRequestError(
-            "stop cannot be combined with response_format JSON or tool calls: a stop string could cut "
-            "the structure the grammar guarantees", param="stop")
-    tokenizer = engine.backend.llg_tokenizer() if json_spec is not None or plan is not None else None
-    content_grammar = None
-    if json_spec is not None and tokenizer is not None:
-        content_grammar = grammar_cache.compile(tokenizer, _json_grammar(json_spec.schema, "response_format"),
-                                                param="response_format")
-    grammar = content_grammar
-    if plan is not None and tokenizer is not None:
-        for tool in plan.tools:  # compiled alone first, so an error names the tool
-            grammar_cache.compile(tokenizer, _json_grammar(tool.parameters, f"{tool.param}.parameters"),
-                                  param=f"{tool.param}.parameters")
+    if json_spec is None and plan is None:
+        return StructuredOutput(engine, fmt=fmt, plan=None, json_spec=None, grammar=None)
+    tokenizer = engine.backend.llg_tokenizer()
+
+    def compile_error(schema: Any) -> str | None:
+        try:
+            return grammar_cache.error(tokenizer, json_schema_grammar(schema))
+        except (TypeError, ValueError) as exc:
+            return f"not a valid JSON Schema: {exc}"
+
+    content_check = grammar = None
+    if json_spec is not None:
+        content_check = enforce(json_spec.schema, strict=json_spec.strict, compile_error=compile_error,
+                                param="response_format")
+        grammar = grammar_cache.compile(tokenizer, json_schema_grammar(content_check.grammar_schema),
+                                        param="response_format")
+    call_checks: dict[str, EnforcedSchema] = {}
+    if plan is not None:
+        for tool in plan.tools:  # each alone first, so an error names the tool
+            param = f"{tool.param}.parameters"
+            call_checks[tool.name] = enforce(tool.parameters, strict=bool(tool.strict), compile_error=compile_error,
+                                             param=param)
         if plan.choice != "none" or json_spec is None:
             syntax = CallSyntax(fmt.open, fmt.close, fmt.separator, fmt.args_key,
                                 _single_special(engine, fmt.open), _single_special(engine, fmt.close))
             content: Literal["text", "json", "none", "forbid"] = (
                 "forbid" if plan.choice == "none" else "none" if plan.choice == "required"
                 else "json" if json_spec is not None else "text")
-            lark = tool_call_grammar([(t.name, t.parameters) for t in plan.callable_tools], syntax,
-                                     content=content, parallel=plan.parallel,
-                                     content_schema=json_spec.schema if json_spec else None)
+            lark = tool_call_grammar(
+                [(t.name, call_checks[t.name].grammar_schema) for t in plan.callable_tools], syntax,
+                content=content, parallel=plan.max_calls > 1, max_calls=plan.max_calls,
+                content_schema=content_check.grammar_schema if content_check is not None else None)
             grammar = grammar_cache.compile(tokenizer, lark, param="functions" if plan.legacy else "tools")
-    return StructuredOutput(engine, fmt=fmt, plan=plan, json_spec=json_spec, grammar=grammar)
+    if grammar is not None and request.max_tokens is not None:
+        _check_budget(engine, grammar, request.max_tokens)
+    return StructuredOutput(engine, fmt=fmt, plan=plan, json_spec=json_spec, grammar=grammar,
+                            content_check=content_check, call_checks=call_checks)
 
 
-def _json_grammar(schema: Mapping[str, Any], param: str) -> str:
-    try:
-        return json_schema_grammar(schema)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"{param} is not a valid JSON Schema: {exc}", param=param) from exc
+def _check_budget(engine: Engine, grammar: CompiledGrammar, max_tokens: int) -> None:
+    """A ``max_tokens`` too small for any reply the grammar accepts is an error, not a cut reply."""
+    info = engine.backend.info
+    minimum = grammar.min_tokens(info.n_vocab, info.eos_token_ids)
+    if minimum is not None and max_tokens < minimum:
+        raise InvalidRequestError(
+            f"max_tokens={max_tokens} cannot hold a complete reply in the requested format: the shortest "
+            f"valid one takes {minimum} tokens with this model; raise max_tokens", param="max_tokens")

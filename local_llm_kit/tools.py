@@ -18,27 +18,30 @@ Otherwise (SmolLM2, the Gemma fallback, most small models) the generic format is
   message right after them, share one turn), since most templates know only user/assistant.
 
 **Choices.** ``"auto"`` lets the model write text, then optionally calls (text before a call
-becomes ``message.content``); ``"required"`` and a named tool force calls from the first
-token; ``"none"`` allows only text that contains no call envelope. ``parallel_tool_calls=False``
-(and the legacy ``functions`` API) allows one call per reply.
+becomes ``message.content``); ``"required"`` forces calls from the first token; a named tool
+forces exactly one call of that function, as OpenAI does; ``"none"`` allows only text that
+contains no call envelope. ``parallel_tool_calls=False`` (and the legacy ``functions`` API)
+allows one call per reply; otherwise a reply holds at most :data:`MAX_PARALLEL_CALLS` calls, so a
+model that repeats calls ends at that bound rather than at ``max_tokens``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from local_llm_kit.calls import CallFormat
 from local_llm_kit.errors import InvalidRequestError
-from local_llm_kit.request import ChatRequest
+from local_llm_kit.formats import NAME_RE
 
-__all__ = ["NAME_RE", "ToolPlan", "ToolSpec", "parse_tool_request", "rewrite_history", "tool_prompt"]
+__all__ = ["MAX_PARALLEL_CALLS", "NAME_RE", "ToolPlan", "ToolSpec", "parse_tools", "rewrite_history",
+           "tool_prompt"]
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 Choice = Literal["none", "auto", "required"]
+MAX_PARALLEL_CALLS = 8
+"""The most calls one reply may hold with ``parallel_tool_calls`` (the grammar ends the reply there)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ class ToolPlan:
     @property
     def callable_tools(self) -> tuple[ToolSpec, ...]:
         return tuple(t for t in self.tools if self.forced in (None, t.name))
+
+    @property
+    def max_calls(self) -> int:
+        """Calls one reply may hold: one for a named choice or without parallel calls."""
+        return 1 if self.forced is not None or not self.parallel else MAX_PARALLEL_CALLS
 
 
 def _dict(value: Any, where: str) -> dict[str, Any]:
@@ -116,21 +124,21 @@ def _function_spec(function: Mapping[str, Any], where: str, allowed: set[str]) -
     return ToolSpec(name, description, {"type": "object", **parameters}, strict, where)
 
 
-def parse_tool_request(request: ChatRequest) -> ToolPlan | None:
+def parse_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None,
+                functions: Sequence[Mapping[str, Any]] | None, function_call: Any) -> ToolPlan | None:
     """Validate tools/functions and the choice parameters; None when the request has no tools."""
-    if request.tools is not None and request.functions is not None:
+    if tools is not None and functions is not None:
         raise InvalidRequestError("pass either tools or the legacy functions, not both", param="functions")
-    if request.tools is None:
-        for param, value in (("tool_choice", request.tool_choice),
-                             ("parallel_tool_calls", request.parallel_tool_calls)):
+    if tools is None:
+        for param, value in (("tool_choice", tool_choice), ("parallel_tool_calls", parallel_tool_calls)):
             if value is not None:
                 raise InvalidRequestError(f"{param} is only allowed when tools are given", param=param)
-    if request.functions is None and request.function_call is not None:
+    if functions is None and function_call is not None:
         raise InvalidRequestError("function_call is only allowed when functions are given",
                                   param="function_call")
-    if request.tools is not None:
+    if tools is not None:
         specs = []
-        for i, tool in enumerate(request.tools):
+        for i, tool in enumerate(tools):
             where = f"tools[{i}]"
             _check_keys(tool, {"type", "function"}, where)
             if tool.get("type") != "function":
@@ -138,13 +146,13 @@ def parse_tool_request(request: ChatRequest) -> ToolPlan | None:
                                           param=f"{where}.type")
             specs.append(_function_spec(_dict(tool.get("function"), f"{where}.function"), f"{where}.function",
                                         {"name", "description", "parameters", "strict"}))
-        choice, forced = _choice(request.tool_choice, specs, "tool_choice", legacy=False)
-        parallel = True if request.parallel_tool_calls is None else request.parallel_tool_calls
+        choice, forced = _choice(tool_choice, specs, "tool_choice", legacy=False)
+        parallel = True if parallel_tool_calls is None else parallel_tool_calls
         return ToolPlan(_unique(specs, "tools"), choice, forced, parallel)
-    if request.functions is not None:
-        specs = [_function_spec(f, f"functions[{i}]", {"name", "description", "parameters"})
-                 for i, f in enumerate(request.functions)]
-        choice, forced = _choice(request.function_call, specs, "function_call", legacy=True)
+    if functions is not None:
+        specs = [_function_spec(_dict(f, f"functions[{i}]"), f"functions[{i}]", {"name", "description", "parameters"})
+                 for i, f in enumerate(functions)]
+        choice, forced = _choice(function_call, specs, "function_call", legacy=True)
         return ToolPlan(_unique(specs, "functions"), choice, forced, parallel=False, legacy=True)
     return None
 
@@ -204,7 +212,7 @@ def tool_prompt(plan: ToolPlan, fmt: CallFormat) -> str:
         lines.append("Call at least one of them now.")
     else:
         lines.append("Call one only when it helps; otherwise answer the user directly.")
-    if plan.choice != "none" and (not plan.parallel or fmt.separator is None):
+    if plan.choice != "none" and (plan.max_calls == 1 or fmt.separator is None):
         lines.append("Make at most one call per reply.")
     return "\n".join(lines)
 

@@ -61,6 +61,8 @@ class Message(_Model):
     refusal: str | None = None
     function_call: FunctionCall | None = None
     tool_calls: list[ToolCall] | None = None
+    schema_violations: list[str] | None = None
+    """Set when a non-strict schema's unenforced keywords (``uniqueItems``...) are broken by the reply."""
 
 
 class TopLogprob(_Model):
@@ -124,6 +126,8 @@ class Delta(_Model):
     refusal: str | None = None
     function_call: FunctionCallDelta | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    schema_violations: list[str] | None = None
+    """As ``Message.schema_violations``, on a delta of its own at the end of the reply."""
 
 
 class ChunkChoice(_Model):

@@ -265,5 +265,5 @@ def test_sampling_with_temperature_stays_valid() -> None:
         response = client.chat.completions.create(
             messages=[{"role": "user", "content": "hi"}], max_tokens=80, temperature=1.5, seed=seed,
             response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
-        if response.choices[0].finish_reason == "stop":
-            jsonschema.validate(json.loads(response.choices[0].message.content or ""), SCHEMA)
+        # Valid whatever the finish: a reply cut by max_tokens is closed by the grammar.
+        jsonschema.validate(json.loads(response.choices[0].message.content or ""), SCHEMA)

@@ -12,6 +12,7 @@ import pytest
 from local_llm_kit.calls import GENERIC_FORMAT, CallFormat, CallParser, native_format
 from local_llm_kit.chat import encode_request
 from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.request import validate_request
 from local_llm_kit.templates import ChatTemplate
 from local_llm_kit.testing import FakeBackend, fake_client
 from local_llm_kit.tools import rewrite_history
@@ -141,12 +142,14 @@ def test_legacy_functions() -> None:
     assert summary(create("No call.", functions=FUNCTIONS, function_call="none"))["content"] == "No call."
 
 
-def test_truncated_call_reports_length_and_partial_arguments() -> None:
-    whole = summary(create(PARIS, tools=TOOLS, tool_choice="required", max_tokens=48))
+def test_a_call_cut_by_max_tokens_is_completed_and_reports_length() -> None:
+    whole = summary(create(PARIS, tools=TOOLS, tool_choice="required", max_tokens=74))
     assert whole["finish_reason"] == "length"
     assert whole["calls"][0]["name"] == "get_weather"
-    assert '{"city": "Paris"}'.startswith(whole["calls"][0]["arguments"])
-    assert same_modulo_ids(rebuild(stream(PARIS, tools=TOOLS, tool_choice="required", max_tokens=48)), whole)
+    arguments = json.loads(whole["calls"][0]["arguments"])  # complete, though the model was cut
+    jsonschema.validate(arguments, WEATHER)
+    assert "Paris".startswith(arguments["city"])
+    assert same_modulo_ids(rebuild(stream(PARIS, tools=TOOLS, tool_choice="required", max_tokens=74)), whole)
 
 
 def test_several_choices() -> None:
@@ -169,7 +172,7 @@ def test_json_formats(response_format: dict[str, Any]) -> None:
     reply = '{"name": "Bo", "ok": true}'
     whole = create(reply, response_format=response_format)
     assert whole.choices[0].message.content == reply and whole.choices[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(reply), response_format.get("schema", PERSON))
+    jsonschema.validate(json.loads(whole.choices[0].message.content), response_format.get("schema", PERSON))
     chunks = stream(reply, response_format=response_format)
     assert rebuild(chunks)["content"] == reply
 
@@ -203,7 +206,9 @@ def tool(**function: Any) -> dict[str, Any]:
     ({"tools": [tool(bogus=1)]}, "tools[0].function.bogus"),
     ({"tools": [tool(description=3)]}, "tools[0].function.description"),
     ({"tools": [tool(parameters={"type": "string"})]}, "tools[0].function.parameters"),
-    ({"tools": [tool(parameters={"type": "object", "properties": {"d": {"format": "nope"}}})]},
+    ({"tools": [tool(strict=True, parameters={"type": "object", "properties": {"d": {"format": "nope"}}})]},
+     "tools[0].function.parameters"),
+    ({"tools": [tool(parameters={"type": "object", "properties": {"d": {"pattern": "(?=x)"}}})]},
      "tools[0].function.parameters"),
     ({"tools": [tool(strict="yes")]}, "tools[0].function.strict"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
@@ -235,7 +240,8 @@ def test_invalid_requests_name_the_parameter(kwargs: dict[str, Any], param: str)
 
 def test_uncompilable_schema_says_why() -> None:
     with pytest.raises(InvalidRequestError, match="format"):
-        create("x", response_format={"type": "json_object", "schema": {"type": "string", "format": "nope"}})
+        create("x", response_format={"type": "json_schema", "json_schema": {
+            "name": "s", "strict": True, "schema": {"type": "string", "format": "nope"}}})
 
 
 def test_stop_is_allowed_when_no_structure_is_generated() -> None:
@@ -257,8 +263,9 @@ HISTORY = [
 
 def prompt_of(backend: FakeBackend | None = None, **kwargs: Any) -> str:
     """The exact prompt text the model is fed for a request."""
-    client = fake_client(backend=backend or FakeBackend(), temperature=0)
-    engine, request = client._validate({"messages": kwargs.pop("messages"), **kwargs}, {})
+    engine = fake_client(backend=backend or FakeBackend(), temperature=0).engine
+    request = validate_request({"messages": kwargs.pop("messages"), **kwargs}, default_temperature=0.0,
+                               default_top_p=1.0, n_vocab=engine.backend.info.n_vocab)
     _, prompt = encode_request(engine, request)
     return b"".join(engine.backend.token_bytes(t) for t in prompt).decode()
 
