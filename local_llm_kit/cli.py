@@ -4,6 +4,7 @@
     local-llm-kit run --json "Hi"                     the raw CompletionResponse as JSON
     local-llm-kit chat                                interactive, streaming, with memory
     local-llm-kit models                              packaged and found models
+    local-llm-kit serve [--model M ...] [--port 8000]  an OpenAI-compatible HTTP server
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from local_llm_kit.client import LLMClient
-from local_llm_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from local_llm_kit.client import AsyncLLMClient, LLMClient
+from local_llm_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ENV_PREFIX
 from local_llm_kit.errors import LocalLLMKitError
 from local_llm_kit.models import list_models
 
@@ -103,6 +105,60 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from local_llm_kit.server import ServerLimits, check_bind, serve
+    except ImportError as exc:
+        print(f"error: the server needs the 'server' extra ({exc.name} is missing): "
+              "pip install 'local-llm-kit[server]'", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None
+    check_bind(args.host, api_key, args.allow_insecure_no_key)  # before minutes of loading
+    try:
+        limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
+                              max_tokens=args.max_tokens_limit, max_n=args.max_n, max_queue=args.max_queue)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    clients = []
+    for name in args.model or [None]:
+        client = AsyncLLMClient(name, model_path=args.model_path, backend=args.backend,
+                                context_length=args.context_length, temperature=args.temperature,
+                                top_p=args.top_p, n_threads=args.n_threads)
+        _ = client.engine  # load now: fail before listening, not on the first request
+        clients.append(client)
+    print(f"Serving {', '.join(c.model for c in clients)} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if api_key else 'no API key'})", file=sys.stderr)
+    serve(clients, host=args.host, port=args.port, api_key=api_key,
+          allow_insecure_no_key=args.allow_insecure_no_key, limits=limits, log_level=args.log_level)
+    return 0
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", action="append", default=None,
+                        help="alias, GGUF file or model folder; repeat to serve several (the first is the default)")
+    parser.add_argument("--model-path", default=None, help="weights to load, or a folder to search")
+    parser.add_argument("--backend", default=None, choices=["llama.cpp", "transformers"])
+    parser.add_argument("--context-length", type=int, default=None)
+    parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="default when a request sets none")
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="default when a request sets none")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' (default: {ENV_PREFIX}API_KEY)")
+    parser.add_argument("--allow-insecure-no-key", action="store_true",
+                        help="allow a non-loopback --host without an API key")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting per model before 503")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    parser.add_argument("--max-messages", type=int, default=1024)
+    parser.add_argument("--max-tokens-limit", type=int, default=None,
+                        help="largest max_tokens a request may ask for (default: the context length)")
+    parser.add_argument("--max-n", type=int, default=4, help="most choices per request")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="local-llm-kit", description="Local language models, OpenAI-style.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -119,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--model-path", default=None)
     models.add_argument("--json", action="store_true")
     models.set_defaults(handler=_models)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (extra 'server')")
+    _serve_options(serve)
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -3,10 +3,15 @@
 =================================  ===================================================
 ``LOCAL_LLM_KIT_MODEL_PATH``       default model file or folder, or a folder searched for
                                    model files named by ``LLMClient(model=...)``
-``LOCAL_LLM_KIT_BACKEND``          ``llama.cpp`` (default) or ``transformers``
+``LOCAL_LLM_KIT_BACKEND``          ``llama.cpp`` (default), ``transformers`` or ``openai``
+                                   (an OpenAI-compatible server at ``base_url``)
 ``LOCAL_LLM_KIT_CONTEXT_LENGTH``   context window in tokens (default 2048)
 ``LOCAL_LLM_KIT_CACHE_DIR``        converted models and assembled packaged models
                                    (default ``~/.cache/local_llm_kit``)
+``LOCAL_LLM_KIT_BASE_URL``         the server ``backend="openai"`` talks to
+                                   (e.g. ``http://127.0.0.1:8000/v1``)
+``LOCAL_LLM_KIT_API_KEY``          the key sent to that server, and the key
+                                   ``local-llm-kit serve`` requires
 =================================  ===================================================
 
 A malformed environment value raises :class:`~local_llm_kit.errors.InvalidRequestError`
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from local_llm_kit.errors import InvalidRequestError
@@ -30,9 +35,11 @@ DEFAULT_BACKEND = "llama.cpp"
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
-KNOWN_BACKENDS = ("llama.cpp", "transformers")
+REMOTE_BACKEND = "openai"
+KNOWN_BACKENDS = ("llama.cpp", "transformers", REMOTE_BACKEND)
 _BACKEND_SPELLINGS = {"llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp", "llamacpp": "llama.cpp",
-                      "llama-cpp": "llama.cpp", "transformers": "transformers", "hf": "transformers"}
+                      "llama-cpp": "llama.cpp", "transformers": "transformers", "hf": "transformers",
+                      "openai": REMOTE_BACKEND, "openai-compatible": REMOTE_BACKEND}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,10 @@ class Settings:
     n_threads: int | None = None
     dtype: str | None = None
     device: str | None = None
+    base_url: str | None = None
+    """``backend="openai"`` only: the server's URL, up to and including ``/v1``."""
+    api_key: str | None = field(default=None, repr=False)
+    """``backend="openai"`` only: sent as ``Authorization: Bearer``; never shown in reprs."""
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -87,6 +98,8 @@ def resolve_settings(
     n_threads: int | None,
     dtype: str | None,
     device: str | None,
+    base_url: str | None = None,
+    api_key: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Combine arguments, environment and defaults into validated :class:`Settings`."""
@@ -133,6 +146,21 @@ def resolve_settings(
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
         raise InvalidRequestError(f"n_threads must be a positive integer, got {n_threads!r}", param="n_threads")
 
+    resolved_url = base_url if base_url is not None else _env(env, "BASE_URL")
+    resolved_key = api_key if api_key is not None else _env(env, "API_KEY")
+    if resolved_backend == REMOTE_BACKEND:
+        if not resolved_url:
+            raise InvalidRequestError(
+                f"backend='openai' needs base_url= (or {ENV_PREFIX}BASE_URL), e.g. 'http://127.0.0.1:8000/v1'",
+                param="base_url")
+        if not resolved_url.startswith(("http://", "https://")):
+            raise InvalidRequestError(f"base_url must be an http:// or https:// URL, got {resolved_url!r}",
+                                      param="base_url")
+    elif base_url is not None or api_key is not None:
+        name = "base_url" if base_url is not None else "api_key"
+        raise InvalidRequestError(f"{name} only applies to backend='openai' (an OpenAI-compatible server); "
+                                  f"the {resolved_backend} backend runs in-process", param=name)
+
     return Settings(
         model=model or DEFAULT_MODEL,
         model_path=resolved_path,
@@ -144,4 +172,6 @@ def resolve_settings(
         n_threads=n_threads,
         dtype=dtype,
         device=device,
+        base_url=resolved_url.rstrip("/") if resolved_backend == REMOTE_BACKEND and resolved_url else None,
+        api_key=resolved_key if resolved_backend == REMOTE_BACKEND else None,
     )
