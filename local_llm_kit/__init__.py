@@ -12,15 +12,20 @@ import logging
 from local_llm_kit.client import AsyncLLMClient, LLMClient
 from local_llm_kit.errors import (
     BackendNotAvailableError,
+    ClientClosedError,
     GenerationCancelledError,
+    GenerationTimeoutError,
     InvalidRequestError,
     LocalLLMKitError,
     ModelLoadError,
     ModelNotFoundError,
+    ModelUnloadedError,
     TemplateError,
     TokenLimitError,
 )
+from local_llm_kit.engine import unload_all
 from local_llm_kit.models import PACKAGED_MODELS
+from local_llm_kit.params import CompletionCreateParams, MessageParam
 from local_llm_kit.streaming import AsyncStream, Stream
 from local_llm_kit.types import (
     Choice,
@@ -42,6 +47,8 @@ __all__ = [
     "AsyncLLMClient",
     "AsyncStream",
     "BackendNotAvailableError",
+    "ClientClosedError",
+    "CompletionCreateParams",
     "Choice",
     "ChoiceLogprobs",
     "ChunkChoice",
@@ -50,18 +57,22 @@ __all__ = [
     "Delta",
     "FunctionCall",
     "GenerationCancelledError",
+    "GenerationTimeoutError",
     "InvalidRequestError",
     "LLMClient",
     "LocalLLMKitError",
     "Message",
+    "MessageParam",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelUnloadedError",
     "Stream",
     "TemplateError",
     "TokenLimitError",
     "ToolCall",
     "Usage",
     "__version__",
+    "unload_all",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

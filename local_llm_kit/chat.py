@@ -16,6 +16,7 @@ from local_llm_kit import structured
 from local_llm_kit.decoding import Finished, GenerationSettings, TextPiece, generate
 from local_llm_kit.engine import Engine
 from local_llm_kit.errors import GenerationCancelledError, TokenLimitError
+from local_llm_kit.lease import Ticket
 from local_llm_kit.output import OutputMode
 from local_llm_kit.request import ChatRequest
 from local_llm_kit.sampling import SamplingParams
@@ -49,9 +50,10 @@ def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
 
 def encode_request(engine: Engine, request: ChatRequest) -> tuple[OutputMode, list[int]]:
     """The output mode of a request and the exact prompt token ids it feeds the model."""
-    output = select_output_mode(engine, request)
-    messages = output.prepare_messages(request.messages)
-    return output, engine.encode(messages, tools=output.template_tools)
+    with engine.lease.reading():
+        output = select_output_mode(engine, request)
+        messages = output.prepare_messages(request.messages)
+        return output, engine.encode(messages, tools=output.template_tools)
 
 
 def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedChat:
@@ -95,27 +97,32 @@ def _new_id() -> str:
 
 
 def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | None = None) -> CompletionResponse:
+    """The whole reply at once; the model is held from the first token of the first choice to the last."""
     choices: list[Choice] = []
     completion_tokens = 0
-    with engine.lock:
-        for index in range(prepared.request.n):
-            texts: list[str] = []
-            logprobs: list[TokenLogprob] = []
-            finished: Finished | None = None
-            for event in _run(engine, prepared, index, cancel):
-                if isinstance(event, TextPiece):
-                    texts.append(event.text)
-                    logprobs.extend(event.logprobs or ())
-                else:
-                    finished = event
-            if finished is None:  # the cancel event was set
-                raise GenerationCancelledError("generation was cancelled")
-            message, reason = prepared.output.finalize("".join(texts), finished.reason)
-            if message.content is not None and not message.tool_calls and not message.function_call:
-                engine.remember_generation(message.content, finished.token_ids)
-            completion_tokens += finished.completion_tokens
-            choices.append(Choice(index=index, message=message, finish_reason=reason,
-                                  logprobs=ChoiceLogprobs(content=logprobs) if prepared.request.logprobs else None))
+    with engine.lease.generation(cancel) as ticket:
+        if ticket is None:
+            raise GenerationCancelledError("generation was cancelled before it started")
+        with ticket.step():
+            for index in range(prepared.request.n):
+                texts: list[str] = []
+                logprobs: list[TokenLogprob] = []
+                finished: Finished | None = None
+                for event in _run(engine, prepared, index, cancel):
+                    if isinstance(event, TextPiece):
+                        texts.append(event.text)
+                        logprobs.extend(event.logprobs or ())
+                    else:
+                        finished = event
+                if finished is None:  # the cancel event was set
+                    raise GenerationCancelledError("generation was cancelled")
+                message, reason = prepared.output.finalize("".join(texts), finished.reason)
+                if message.content is not None and not message.tool_calls and not message.function_call:
+                    engine.remember_generation(message.content, finished.token_ids)
+                completion_tokens += finished.completion_tokens
+                choices.append(Choice(index=index, message=message, finish_reason=reason,
+                                      logprobs=ChoiceLogprobs(content=logprobs) if prepared.request.logprobs
+                                      else None))
     prompt_tokens = len(prepared.prompt)
     return CompletionResponse(
         id=_new_id(), created=int(time.time()), model=prepared.model_name, choices=choices,
@@ -125,9 +132,29 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
     )
 
 
+def _stepped(ticket: Ticket, events: Iterator[TextPiece | Finished]) -> Iterator[TextPiece | Finished]:
+    """The decode loop's events, each computed under the model's step lock, none held across a yield."""
+    try:
+        while True:
+            with ticket.step():
+                event = next(events, None)
+            if event is None:
+                return
+            yield event
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
 def stream(engine: Engine, prepared: PreparedChat,
            cancel: threading.Event | None = None) -> Iterator[CompletionChunk]:
-    """Chunks of the completion as they are generated; holds the engine lock while running."""
+    """Chunks of the completion as they are generated.
+
+    The model is leased from the first ``next()`` to the end, the close or the drop of the
+    iterator, whichever thread advances it (see :mod:`local_llm_kit.lease`). Setting ``cancel``
+    stops it before the next token and ends it without an error.
+    """
     chunk_id, created = _new_id(), int(time.time())
     want_logprobs = prepared.request.logprobs
 
@@ -140,12 +167,16 @@ def stream(engine: Engine, prepared: PreparedChat,
         )
 
     completion_tokens = 0
-    with engine.lock:
+    with engine.lease.generation(cancel) as ticket:
+        if ticket is None:
+            return
         for index in range(prepared.request.n):
+            if cancel is not None and cancel.is_set():
+                return
             shaper = prepared.output.stream_shaper()
             yield chunk(index, Delta(role="assistant", content=""))
             texts: list[str] = []
-            for event in _run(engine, prepared, index, cancel):
+            for event in _stepped(ticket, _run(engine, prepared, index, cancel)):
                 if isinstance(event, TextPiece):
                     texts.append(event.text)
                     deltas = shaper.feed(event.text)
@@ -162,6 +193,8 @@ def stream(engine: Engine, prepared: PreparedChat,
                     for delta in deltas:
                         yield chunk(index, delta)
                     yield chunk(index, Delta(), reason)
+    if cancel is not None and cancel.is_set():
+        return
     if prepared.request.include_usage:
         prompt_tokens = len(prepared.prompt)
         yield CompletionChunk(

@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
+
+from typing_extensions import Unpack
 
 from local_llm_kit import chat as chat_path
 from local_llm_kit.backends import BackendOptions
@@ -25,10 +26,17 @@ from local_llm_kit.config import (
     Settings,
     resolve_settings,
 )
-from local_llm_kit.engine import Engine, get_engine
-from local_llm_kit.errors import InvalidRequestError, TokenLimitError
+from local_llm_kit.engine import Engine, detach, get_engine
+from local_llm_kit.errors import (
+    ClientClosedError,
+    GenerationCancelledError,
+    GenerationTimeoutError,
+    InvalidRequestError,
+    TokenLimitError,
+)
 from local_llm_kit.memory import ConversationMemory
 from local_llm_kit.models import ResolvedModel, resolve_model
+from local_llm_kit.params import CompletionCreateParams, MessageParam, RequestOptions
 from local_llm_kit.request import ChatRequest, normalize_messages, validate_request
 from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
 from local_llm_kit.types import CompletionChunk, CompletionResponse, Message
@@ -37,13 +45,56 @@ __all__ = ["AsyncLLMClient", "LLMClient"]
 
 logger = logging.getLogger(__name__)
 
+_R = TypeVar("_R")
+_T = TypeVar("_T")
+
 # Parameters of OpenAI's API (and its Python client) that a local model cannot honour.
 # Passing one with a value other than None raises instead of being dropped.
 UNSUPPORTED_PARAMETERS = frozenset({
-    "audio", "modalities", "prediction", "store", "metadata", "reasoning_effort", "service_tier",
-    "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier", "extra_headers",
-    "extra_query", "extra_body", "timeout",
+    "audio", "modalities", "prediction", "reasoning_effort", "service_tier", "web_search_options",
+    "verbosity", "prompt_cache_key", "safety_identifier",
 })
+# Parameters that only mean something for an HTTP request: empty values are accepted (openai-python
+# users pass them through generic code), anything else raises, since nothing here would send them.
+HTTP_ONLY_PARAMETERS = frozenset({"extra_headers", "extra_query"})
+
+request_log = logging.getLogger("local_llm_kit.requests")
+
+
+def _merge_extra_body(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra_body``'s keys join the named parameters, as openai-python merges them into the body."""
+    merged = dict(params)
+    extra = merged.pop("extra_body", None)
+    if extra is None:
+        return merged
+    if not isinstance(extra, Mapping):
+        raise InvalidRequestError("extra_body must be a dict of parameters", param="extra_body")
+    for name, value in extra.items():
+        if name in merged and merged[name] is not None:
+            raise InvalidRequestError(f"{name} is given both by name and in extra_body", param=f"extra_body.{name}")
+        merged[name] = value
+    return merged
+
+
+def _check_passthrough(params: dict[str, Any]) -> None:
+    """Reject what cannot be honoured; pop what is honoured outside the request (store, metadata...)."""
+    for name in sorted(set(params) - set(_PARAMETER_NAMES)):
+        value = params.pop(name)
+        if name in UNSUPPORTED_PARAMETERS:
+            if value is not None:
+                raise InvalidRequestError(f"{name} is not supported by local models", param=name)
+        else:
+            raise InvalidRequestError(f"unknown parameter {name!r}", param=name)
+    for name in HTTP_ONLY_PARAMETERS:
+        if params.pop(name, None):
+            raise InvalidRequestError(
+                f"{name} only applies to HTTP requests, and this client runs the model in-process; "
+                "use backend='openai' to send it to a server", param=name)
+    if params.pop("store", None) not in (None, False):
+        raise InvalidRequestError("store=True is not supported: a local model stores nothing", param="store")
+    if params.pop("metadata", None) is not None:
+        raise InvalidRequestError("metadata is only kept with store=True, which local models do not support",
+                                  param="metadata")
 
 
 class _BaseClient:
@@ -70,6 +121,7 @@ class _BaseClient:
         self._resolved: ResolvedModel | None = None
         self._engine: Engine | None = None
         self._load_lock = threading.Lock()
+        self._closed = False
         self._memory: ConversationMemory | None = None
 
     # -- model ----------------------------------------------------------------------------
@@ -93,12 +145,32 @@ class _BaseClient:
 
     @property
     def engine(self) -> Engine:
-        """The loaded model (loaded on first use, shared with clients of the same weights)."""
-        if self._engine is None:
+        """The loaded model (loaded on first use, shared with clients of the same weights).
+
+        If the model was unloaded meanwhile (``unload_all()``), it is loaded again.
+        """
+        engine = self._engine
+        if engine is None or engine.closed:
             with self._load_lock:
-                if self._engine is None:
-                    self._engine = get_engine(self.resolved_model, self.settings.backend, self.options)
-        return self._engine
+                if self._closed:
+                    raise ClientClosedError("this client is closed; create a new client to send requests")
+                if self._engine is None or self._engine.closed:
+                    self._engine = get_engine(self.resolved_model, self.settings.backend, self.options,
+                                              attach=True)
+                engine = self._engine
+        return engine
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _close(self) -> None:
+        """Let go of the model: the last open client of a model unloads it. Idempotent."""
+        with self._load_lock:
+            engine, self._engine = self._engine, None
+            self._closed = True
+        if engine is not None:
+            detach(engine)
 
     def _engine_for(self, model: str | None) -> Engine:
         if model is None or model in (self._explicit_model, self.resolved_model.name):
@@ -106,16 +178,17 @@ class _BaseClient:
         other = resolve_model(model, self.settings.model_path, self.settings.cache_dir, default=DEFAULT_MODEL)
         return get_engine(other, self.settings.backend, self.options)
 
-    def count_tokens(self, messages: Sequence[Mapping[str, Any]],
-                     tools: Sequence[Mapping[str, Any]] | None = None) -> int:
-        """Exactly the ``prompt_tokens`` that ``create(messages=..., tools=...)`` reports.
+    def count_tokens(self, messages: Iterable[MessageParam], tools: Sequence[Mapping[str, Any]] | None = None,
+                     **params: Unpack[RequestOptions]) -> int:
+        """Exactly the ``prompt_tokens`` that ``create()`` with the same arguments reports.
 
-        The real chat template is rendered (tools and generation prompt included) and tokenized
-        by the model's tokenizer. Memory is not added: pass the history to count it.
+        Takes every argument ``create()`` takes, because several change the prompt (``tools``,
+        ``tool_choice``, ``parallel_tool_calls``, ``functions``, ``response_format``): the real
+        chat template is rendered with them and tokenized by the model's tokenizer. Memory is not
+        added: pass the history to count it.
         """
-        request = ChatRequest.for_counting(normalize_messages(messages),
-                                           [dict(t) for t in tools] if tools else None)
-        return len(chat_path.encode_request(self.engine, request)[1])
+        _, request, _ = self._validate(False, {**params, "messages": messages, "tools": tools})
+        return len(chat_path.encode_request(self._engine_for(request.model), request)[1])
 
     # -- memory ---------------------------------------------------------------------------
     def enable_memory(self, max_tokens: int = 1000) -> None:
@@ -172,30 +245,88 @@ class _BaseClient:
     def _count_history(self, messages: Sequence[dict[str, Any]]) -> int:
         return len(chat_path.encode_request(self.engine, ChatRequest.for_counting(messages))[1])
 
-    def _validate(self, args: dict[str, Any], unsupported: Mapping[str, Any]) -> tuple[Engine, ChatRequest]:
-        for name, value in unsupported.items():
-            if name in UNSUPPORTED_PARAMETERS:
-                if value is not None:
-                    raise InvalidRequestError(f"{name} is not supported by local models", param=name)
-            else:
-                raise InvalidRequestError(f"unknown parameter {name!r}", param=name)
+    def _validate(self, stream: Any, params: Mapping[str, Any]) -> tuple[Engine, ChatRequest, float | None]:
+        """The request ``create()`` describes, checked the same way for sync and async clients."""
+        args = _merge_extra_body(params)
+        timeout = _timeout(args.pop("timeout", None))
+        _check_passthrough(args)
         if args.get("messages") is None:
             raise InvalidRequestError("messages is required", param="messages")
+        args["stream"] = stream
         engine = self._engine_for(args.get("model"))
         request = validate_request(args, default_temperature=self.settings.temperature,
                                    default_top_p=self.settings.top_p, n_vocab=engine.backend.info.n_vocab)
-        return engine, request
+        if request.user is not None:
+            request_log.info("request from user %r on %s", request.user, engine.model.name)
+        return engine, request, timeout
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidRequestError(f"timeout must be a positive number of seconds, got {value!r}", param="timeout")
+    return float(value)
+
+
+class _Deadline:
+    """Sets ``cancel`` when ``timeout`` seconds have passed; the decode loop stops before its next token."""
+
+    def __init__(self, timeout: float | None, cancel: threading.Event) -> None:
+        self.timeout = timeout
+        self._expired = threading.Event()
+        self._timer: threading.Timer | None = None
+        if timeout is not None:
+            def expire() -> None:
+                self._expired.set()
+                cancel.set()
+
+            self._timer = threading.Timer(timeout, expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired.is_set()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def error(self) -> GenerationTimeoutError:
+        return GenerationTimeoutError(f"the request did not finish within its timeout of {self.timeout} s")
+
+    def watch(self, chunks: Iterator[_T]) -> Iterator[_T]:
+        """``chunks``, ending in :class:`GenerationTimeoutError` if the deadline cut them short."""
+        try:
+            yield from chunks
+        finally:
+            self.stop()
+        if self.expired:
+            raise self.error()
+
+    def complete(self, function: Callable[..., _R], *args: Any) -> _R:
+        try:
+            return function(*args)
+        except GenerationCancelledError:
+            if self.expired:
+                raise self.error() from None
+            raise
+        finally:
+            self.stop()
 
 
 class _Completions:
     def __init__(self, client: _BaseClient) -> None:
         self._client = client
 
-    def _prepare(self, args: dict[str, Any], unsupported: Mapping[str, Any]) -> tuple[Engine, chat_path.PreparedChat]:
-        engine, request = self._client._validate(args, unsupported)
+    def _prepare(self, stream: Any, params: Mapping[str, Any]
+                 ) -> tuple[Engine, chat_path.PreparedChat, list[dict[str, Any]], float | None]:
+        engine, request, timeout = self._client._validate(stream, params)
+        new_messages = list(request.messages)
         memory = self._client._memory
         if memory is None:
-            return engine, chat_path.prepare(engine, request, self._client.model)
+            return engine, chat_path.prepare(engine, request, self._client.model), new_messages, timeout
         # The remembered history goes first, trimmed further (oldest turns first) when the
         # whole prompt would not fit the context; a new system message replaces the old one.
         new = list(request.messages)
@@ -213,7 +344,7 @@ class _Completions:
                 continue
             if dropped:
                 logger.info("memory: left out the %d oldest turns to fit the context", dropped)
-            return engine, prepared
+            return engine, prepared, new_messages, timeout
         assert error is not None
         raise error
 
@@ -225,85 +356,72 @@ class _Completions:
 
 
 class Completions(_Completions):
-    @overload
-    def create(self, *, messages: Iterable[Mapping[str, Any]], stream: Literal[False] = False,
-               **kwargs: Any) -> CompletionResponse: ...
+    """``client.chat.completions``: ``create()`` as in openai-python."""
 
     @overload
-    def create(self, *, messages: Iterable[Mapping[str, Any]], stream: Literal[True],
-               **kwargs: Any) -> Stream[CompletionChunk]: ...
+    def create(self, *, stream: Literal[False] = False,
+               **params: Unpack[CompletionCreateParams]) -> CompletionResponse: ...
 
-    def create(
-        self,
-        *,
-        messages: Iterable[Mapping[str, Any]],
-        model: str | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int | None = None,
-        max_completion_tokens: int | None = None,
-        stream: bool = False,
-        stream_options: Mapping[str, Any] | None = None,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        n: int | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        logit_bias: Mapping[str | int, float] | None = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        user: str | None = None,
-        response_format: Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        parallel_tool_calls: bool | None = None,
-        functions: Sequence[Mapping[str, Any]] | None = None,
-        function_call: str | Mapping[str, Any] | None = None,
-        **unsupported: Any,
-    ) -> CompletionResponse | Stream[CompletionChunk]:
+    @overload
+    def create(self, *, stream: Literal[True], **params: Unpack[CompletionCreateParams]) -> Stream[CompletionChunk]: ...
+
+    @overload
+    def create(self, *, stream: bool,
+               **params: Unpack[CompletionCreateParams]) -> CompletionResponse | Stream[CompletionChunk]: ...
+
+    def create(self, *, stream: bool = False,
+               **params: Unpack[CompletionCreateParams]) -> CompletionResponse | Stream[CompletionChunk]:
         """Create a chat completion, exactly as ``openai.OpenAI().chat.completions.create``.
 
         Returns a :class:`CompletionResponse`, or with ``stream=True`` a :class:`Stream` of
-        :class:`CompletionChunk`. Parameters a local model cannot honour raise
-        :class:`InvalidRequestError` naming them.
+        :class:`CompletionChunk`. The parameters are :class:`CompletionCreateParams`; those a
+        local model cannot honour raise :class:`InvalidRequestError` naming them.
         """
-        args = dict(locals())
-        args.pop("self"), args.pop("unsupported"), args.pop("__class__", None)
-        engine, prepared = self._prepare(args, unsupported)
-        new_messages = normalize_messages(args["messages"])
+        engine, prepared, new_messages, timeout = self._prepare(stream, params)
+        cancel = threading.Event()
+        deadline = _Deadline(timeout, cancel)
         if prepared.request.stream:
             collector = ReplyCollector()
-            return Stream(collector.watch(chat_path.stream(engine, prepared)),
+            chunks = deadline.watch(chat_path.stream(engine, prepared, cancel))
+            return Stream(collector.watch(chunks), cancel=cancel,
                           on_complete=lambda: self._remember(new_messages, collector.message()))
-        response = chat_path.complete(engine, prepared)
+        response = deadline.complete(chat_path.complete, engine, prepared, cancel)
         self._remember(new_messages, response.choices[0].message)
         return response
 
 
 class AsyncCompletions(_Completions):
-    @overload
-    async def create(self, *, messages: Iterable[Mapping[str, Any]], stream: Literal[False] = False,
-                     **kwargs: Any) -> CompletionResponse: ...
+    """``client.chat.completions`` of :class:`AsyncLLMClient`; generation runs off the event loop."""
 
     @overload
-    async def create(self, *, messages: Iterable[Mapping[str, Any]], stream: Literal[True],
-                     **kwargs: Any) -> AsyncStream[CompletionChunk]: ...
+    async def create(self, *, stream: Literal[False] = False,
+                     **params: Unpack[CompletionCreateParams]) -> CompletionResponse: ...
 
-    async def create(self, **kwargs: Any) -> CompletionResponse | AsyncStream[CompletionChunk]:
-        """Same parameters as :meth:`Completions.create`; generation runs off the event loop."""
-        cancel = threading.Event()
-        args = {name: kwargs.pop(name, None) for name in _CREATE_PARAMETERS}
-        args["stream"] = bool(args["stream"])
-        if args.get("messages") is None:
-            raise InvalidRequestError("messages is required", param="messages")
+    @overload
+    async def create(self, *, stream: Literal[True],
+                     **params: Unpack[CompletionCreateParams]) -> AsyncStream[CompletionChunk]: ...
+
+    @overload
+    async def create(self, *, stream: bool, **params: Unpack[CompletionCreateParams]
+                     ) -> CompletionResponse | AsyncStream[CompletionChunk]: ...
+
+    async def create(self, *, stream: bool = False, **params: Unpack[CompletionCreateParams]
+                     ) -> CompletionResponse | AsyncStream[CompletionChunk]:
+        """Same parameters and checks as :meth:`Completions.create`; generation runs off the event loop."""
         # Loading and tokenizing may take a while on first use: keep them off the loop too.
-        engine, prepared = await asyncio.to_thread(self._prepare, args, kwargs)
-        new_messages = normalize_messages(args["messages"])
+        engine, prepared, new_messages, timeout = await asyncio.to_thread(self._prepare, stream, params)
         if prepared.request.stream:
             collector = ReplyCollector()
-            return AsyncStream(lambda cancel: collector.watch(chat_path.stream(engine, prepared, cancel)),
-                               on_complete=lambda: self._remember(new_messages, collector.message()))
-        worker = asyncio.ensure_future(asyncio.to_thread(chat_path.complete, engine, prepared, cancel))
+
+            def source(cancel: threading.Event) -> Iterator[CompletionChunk]:
+                chunks = _Deadline(timeout, cancel).watch(chat_path.stream(engine, prepared, cancel))
+                return collector.watch(chunks)
+
+            return AsyncStream(source, on_complete=lambda: self._remember(new_messages, collector.message()))
+        cancel = threading.Event()
+        deadline = _Deadline(timeout, cancel)
+        worker: asyncio.Future[CompletionResponse] = _in_thread(
+            deadline.complete, chat_path.complete, engine, prepared, cancel)
         try:
             response = await asyncio.shield(worker)
         except asyncio.CancelledError:
@@ -313,13 +431,47 @@ class AsyncCompletions(_Completions):
         return response
 
 
-_CREATE_PARAMETERS = tuple(
-    name for name in inspect.signature(Completions.create).parameters if name not in ("self", "unsupported")
-)
+def _in_thread(function: Callable[..., _R], *args: Any) -> asyncio.Future[_R]:
+    """Run ``function`` in a thread of its own and await it from the event loop.
+
+    Not the loop's default executor: generations wait for the model there, and a handful of
+    them would starve every other ``to_thread`` call of the application.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_R] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(outcome)
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:  # re-raised in the awaiting task
+            error = exc
+            settle(lambda: None if future.done() else future.set_exception(error))
+        else:
+            settle(lambda: None if future.done() else future.set_result(result))
+
+    threading.Thread(target=run, name="local-llm-kit-generate", daemon=True).start()
+    return future
 
 
-class _Chat:
-    def __init__(self, completions: Any) -> None:
+_PARAMETER_NAMES = frozenset(
+    {"stream"} | CompletionCreateParams.__required_keys__ | CompletionCreateParams.__optional_keys__)
+
+
+class Chat:
+    """``client.chat``: holds ``completions``, as in openai-python."""
+
+    def __init__(self, completions: Completions) -> None:
+        self.completions = completions
+
+
+class AsyncChat:
+    """``client.chat`` of :class:`AsyncLLMClient`."""
+
+    def __init__(self, completions: AsyncCompletions) -> None:
         self.completions = completions
 
 
@@ -340,12 +492,26 @@ class LLMClient(_BaseClient):
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.chat = _Chat(Completions(self))
+        self.chat = Chat(Completions(self))
 
     def load(self) -> LLMClient:
         """Load the weights now instead of on first use."""
         _ = self.engine
         return self
+
+    def close(self) -> None:
+        """Release this client's hold on the model; the last open client of a model unloads it.
+
+        Streams still open on the model stop with ``ModelUnloadedError`` at their next token.
+        Other clients of the same weights are not affected. Idempotent.
+        """
+        self._close()
+
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class AsyncLLMClient(_BaseClient):
@@ -353,8 +519,18 @@ class AsyncLLMClient(_BaseClient):
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.chat = _Chat(AsyncCompletions(self))
+        self.chat = AsyncChat(AsyncCompletions(self))
 
     async def load(self) -> AsyncLLMClient:
         await asyncio.to_thread(lambda: self.engine)
         return self
+
+    async def close(self) -> None:
+        """Release this client's hold on the model (see :meth:`LLMClient.close`)."""
+        await asyncio.to_thread(self._close)
+
+    async def __aenter__(self) -> AsyncLLMClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

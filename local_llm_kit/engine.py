@@ -1,4 +1,4 @@
-"""A loaded model: its backend, its chat template, and the lock that serializes its use.
+"""A loaded model: its backend, its chat template, and the lease that decides who uses it.
 
 One :class:`Engine` is shared by every client that asks for the same weights with the same
 load-time settings, so ten clients over one model cost one model's memory.
@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from local_llm_kit.backends import Backend, BackendOptions, create_backend
+from local_llm_kit.errors import TemplateError
+from local_llm_kit.lease import ModelLease
 from local_llm_kit.models import ResolvedModel
 from local_llm_kit.templates import ChatTemplate
 
-__all__ = ["Engine", "get_engine", "loaded_engines", "unload_all"]
+__all__ = ["Engine", "detach", "get_engine", "loaded_engines", "unload_all"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,8 @@ class Engine:
         self.model = model
         self.backend_name = backend_name
         self.backend = backend
-        self.lock = threading.RLock()
+        self.lease = ModelLease()
+        self._users = 0  # open clients that hold this engine (see attach/detach)
         self._generated: OrderedDict[str, list[int]] = OrderedDict()
         self._generated_lock = threading.Lock()
         info = backend.info
@@ -61,24 +65,51 @@ class Engine:
         (and change what the model sees). The rest of the text is tokenized normally.
         """
         text = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
-        ids: list[int] = []
-        cursor = 0
         with self._generated_lock:
-            spans = [(m["content"], self._generated.get(m["content"])) for m in messages
-                     if m.get("role") == "assistant" and isinstance(m.get("content"), str) and m["content"]]
-        for content, generated in spans:
-            if generated is None:
-                continue
-            start = text.find(content, cursor)
-            if start < 0:
-                continue
-            if start > cursor:
-                ids.extend(self.backend.tokenize(text[cursor:start]))
-            ids.extend(generated)
-            cursor = start + len(content)
-        if cursor < len(text):
-            ids.extend(self.backend.tokenize(text[cursor:]))
+            generated = {i: self._generated[m["content"]] for i, m in enumerate(messages)
+                         if m.get("role") == "assistant" and isinstance(m.get("content"), str)
+                         and m["content"] in self._generated}
+        if not generated:
+            return self.backend.tokenize(text)
+        pieces = self._split_at_replies(messages, generated, text, tools, add_generation_prompt)
+        if pieces is None:
+            return self.backend.tokenize(text)
+        ids: list[int] = []
+        for piece, index in zip(pieces, [*sorted(generated), None], strict=True):
+            if piece:
+                ids.extend(self.backend.tokenize(piece))
+            if index is not None:
+                ids.extend(generated[index])
         return ids
+
+    def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], generated: Mapping[int, list[int]],
+                          text: str, tools: Sequence[Mapping[str, Any]] | None,
+                          add_generation_prompt: bool) -> list[str] | None:
+        """The rendered text around the generated replies, found by where the template puts them.
+
+        Each reply is rendered as a unique marker instead; the text between markers is what
+        surrounds the replies. Searching for the reply's text instead would find a short reply
+        ("Paris") inside an earlier message. ``None`` when the template treats the markers
+        differently from the replies (it inspects or rewrites content): then nothing is spliced.
+        """
+        markers = {i: f"\x1e\x1fllk-reply-{i}-{uuid.uuid4().hex}\x1f\x1e" for i in generated}
+        marked = [dict(m, content=markers[i]) if i in markers else m for i, m in enumerate(messages)]
+        try:
+            rendered = self.render(marked, tools=tools, add_generation_prompt=add_generation_prompt)
+        except TemplateError:  # a template that rejects the marker: no splicing, same prompt
+            logger.debug("template rejected reply markers; re-tokenizing replies", exc_info=True)
+            return None
+        pieces: list[str] = []
+        rest = rendered
+        for i in sorted(generated):
+            before, found, rest = rest.partition(markers[i])
+            if not found or markers[i] in rest:
+                return None
+            pieces.append(before)
+        pieces.append(rest)
+        rebuilt = "".join(p + (messages[i]["content"] if k < len(generated) else "")
+                          for k, (p, i) in enumerate(zip(pieces, [*sorted(generated), -1], strict=True)))
+        return pieces if rebuilt == text else None
 
     def remember_generation(self, content: str, token_ids: Sequence[int]) -> None:
         """Record that ``content`` was generated as ``token_ids`` (for :meth:`encode`)."""
@@ -91,27 +122,52 @@ class Engine:
             while len(self._generated) > _REMEMBERED_GENERATIONS:
                 self._generated.popitem(last=False)
 
+    @property
+    def closed(self) -> bool:
+        return self.lease.closed
+
     def close(self) -> None:
-        with self.lock:
-            self.backend.close()
+        """Unload the model: waits for the step in progress; later steps raise ModelUnloadedError."""
+        if not self.lease.closed:
+            self.lease.close(self.backend.close)
 
 
 _engines: dict[tuple[str, str, BackendOptions], Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def get_engine(model: ResolvedModel, backend_name: str, options: BackendOptions) -> Engine:
-    """The shared engine for these weights and settings, loading it on first use."""
+def get_engine(model: ResolvedModel, backend_name: str, options: BackendOptions, *,
+               attach: bool = False) -> Engine:
+    """The shared engine for these weights and settings, loading it on first use.
+
+    ``attach`` counts the caller as a user of the engine until it calls :func:`detach`: the
+    last user to detach unloads the model.
+    """
     key = (backend_name, str(model.path.resolve()), options)
     with _engines_lock:
         engine = _engines.get(key)
-        if engine is None:
+        if engine is None or engine.closed:
             started = time.perf_counter()
             logger.info("loading %s with %s (n_ctx=%d)", model.path, backend_name, options.n_ctx)
             engine = Engine(model, backend_name, create_backend(backend_name, str(model.path), options))
             logger.info("loaded %s in %.2f s", model.name, time.perf_counter() - started)
             _engines[key] = engine
+        if attach:
+            engine._users += 1
         return engine
+
+
+def detach(engine: Engine) -> None:
+    """A user of ``engine`` is done with it; the last one unloads the model."""
+    with _engines_lock:
+        engine._users = max(0, engine._users - 1)
+        if engine._users:
+            return
+        for key, cached in list(_engines.items()):
+            if cached is engine:
+                del _engines[key]
+    logger.info("unloading %s: its last client closed", engine.model.name)
+    engine.close()
 
 
 def loaded_engines() -> list[Engine]:
@@ -120,7 +176,11 @@ def loaded_engines() -> list[Engine]:
 
 
 def unload_all() -> None:
-    """Release every loaded model (their clients reload lazily if used again)."""
+    """Release every loaded model.
+
+    Clients that still exist load their model again on their next request; a generation running
+    meanwhile stops with :class:`~local_llm_kit.errors.ModelUnloadedError` at its next token.
+    """
     with _engines_lock:
         engines = list(_engines.values())
         _engines.clear()

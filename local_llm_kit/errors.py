@@ -9,7 +9,10 @@ Every error the library raises on purpose derives from :class:`LocalLLMKitError`
     ├── InvalidRequestError       a parameter is malformed or unsupported (``.param`` names it)
     │   └── TokenLimitError       the prompt plus ``max_tokens`` does not fit the context
     ├── TemplateError             the model has no usable chat template
-    └── GenerationCancelledError  a stream was closed or a task cancelled mid-generation
+    ├── GenerationCancelledError  a stream was closed or a task cancelled mid-generation
+    │   └── GenerationTimeoutError  the request's ``timeout`` passed (also a TimeoutError)
+    ├── ModelUnloadedError        the model was unloaded while a request waited for it or ran
+    └── ClientClosedError         the client was closed with close() or its ``with`` block
 
 ``InvalidRequestError`` also derives from :class:`ValueError`, so code that already catches
 ``ValueError`` for bad arguments keeps working.
@@ -19,11 +22,14 @@ from __future__ import annotations
 
 __all__ = [
     "BackendNotAvailableError",
+    "ClientClosedError",
     "GenerationCancelledError",
+    "GenerationTimeoutError",
     "InvalidRequestError",
     "LocalLLMKitError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelUnloadedError",
     "TemplateError",
     "TokenLimitError",
 ]
@@ -87,3 +93,16 @@ class TemplateError(LocalLLMKitError):
 
 class GenerationCancelledError(LocalLLMKitError):
     """Generation stopped because its stream was closed or its task was cancelled."""
+
+
+class ModelUnloadedError(LocalLLMKitError):
+    """The model was unloaded (``unload_all()``, or the last client using it closed) while a
+    request waited for it or ran. Clients load it again on their next request."""
+
+
+class ClientClosedError(LocalLLMKitError):
+    """The client was closed; create a new one to send more requests."""
+
+
+class GenerationTimeoutError(GenerationCancelledError, TimeoutError):
+    """The request's ``timeout`` passed before it finished; generation stopped before its next token."""

@@ -1,18 +1,24 @@
 """Streams of completion chunks: iterators and context managers whose ``close()`` stops work.
 
-:class:`Stream` pulls chunks from the decode loop in the consumer's thread, so closing it (or
-leaving its ``with`` block, or dropping it) stops generation before the next token.
-:class:`AsyncStream` runs the decode loop in a worker thread, off the event loop; closing the
-stream or cancelling the task that iterates it stops that thread before its next token.
+:class:`Stream` computes each chunk in the thread that asks for it, and any thread may ask (one
+at a time): Starlette's ``StreamingResponse`` pulls a sync iterator from pool threads. Closing
+it, leaving its ``with`` block or dropping it stops generation before the next token and gives
+the model back (:mod:`local_llm_kit.lease`), even when another thread is advancing it right then.
+
+:class:`AsyncStream` runs the decode loop in a worker thread of its own, off the event loop, and
+hands chunks over through a small bounded queue: a consumer that stops reading stops the worker
+(backpressure) instead of letting it decode on into memory. Closing the stream, cancelling the
+task that iterates it, or dropping it stops the worker before its next token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from local_llm_kit.types import CompletionChunk, FunctionCall, Message, ToolCall
 
@@ -21,32 +27,57 @@ __all__ = ["AsyncStream", "ReplyCollector", "Stream"]
 T = TypeVar("T")
 _DONE = object()
 
+QUEUE_CHUNKS = 16
+"""Chunks an :class:`AsyncStream`'s worker may compute ahead of its consumer."""
+
+_POLL_S = 0.05
+
 
 class Stream(Generic[T]):
-    def __init__(self, source: Iterator[T], on_complete: Callable[[], None] | None = None) -> None:
+    """A sync iterator of chunks; ``close()`` (or ``with``, or dropping it) stops generation."""
+
+    def __init__(self, source: Iterator[T], *, cancel: threading.Event | None = None,
+                 on_complete: Callable[[], None] | None = None) -> None:
         self._source = source
+        self._cancel = cancel if cancel is not None else threading.Event()
         self._on_complete = on_complete
+        self._advance = threading.Lock()  # one thread computes the next chunk at a time
         self._closed = False
 
     def __iter__(self) -> Iterator[T]:
         return self
 
     def __next__(self) -> T:
-        if self._closed:
-            raise StopIteration
-        try:
-            return next(self._source)
-        except StopIteration:
-            self._closed = True
-            if self._on_complete is not None:
-                self._on_complete()
-            raise
-        except BaseException:
-            self.close()
-            raise
+        with self._advance:
+            if self._closed:
+                raise StopIteration
+            try:
+                item = next(self._source)
+            except StopIteration:
+                completed = not self._cancel.is_set()
+                self._shutdown()
+                if completed and self._on_complete is not None:
+                    self._on_complete()
+                raise
+            except BaseException:
+                self._shutdown()
+                raise
+            if self._cancel.is_set():  # closed by another thread while this chunk was computed
+                self._shutdown()
+            return item
 
     def close(self) -> None:
-        """Stop generation now; chunks not yet produced are never computed."""
+        """Stop generation now; chunks not yet produced are never computed. Any thread may call it."""
+        self._cancel.set()
+        if self._advance.acquire(blocking=False):
+            try:
+                self._shutdown()
+            finally:
+                self._advance.release()
+        # Otherwise another thread is computing a chunk: it sees the cancel flag before the next
+        # token, and shuts the source down before returning.
+
+    def _shutdown(self) -> None:
         if not self._closed:
             self._closed = True
             close = getattr(self._source, "close", None)
@@ -61,39 +92,77 @@ class Stream(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        # Dropped without close(): give the model back now, not when a cycle collector runs.
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+def _produce(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], cancel: threading.Event,
+             gone: threading.Event, make_source: Callable[[threading.Event], Iterator[Any]]) -> None:
+    """The worker thread of an :class:`AsyncStream`.
+
+    ``cancel`` stops generation (the consumer left, or a deadline passed: the source then ends
+    with an error that is still handed over); ``gone`` says nobody will read any more. The worker
+    holds no reference to the stream, so a stream its consumer dropped is collected, and the
+    stream's finalizer sets both.
+    """
+
+    def hand_over(item: object) -> bool:
+        """Put ``item`` in the queue, waiting for room; False once nobody will read it."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        except RuntimeError:  # the event loop is closed
+            gone.set()
+        else:
+            while not gone.is_set():
+                try:
+                    future.result(timeout=_POLL_S)
+                    return True
+                except concurrent.futures.TimeoutError:
+                    if loop.is_closed():
+                        gone.set()
+                except concurrent.futures.CancelledError:
+                    gone.set()
+            future.cancel()
+        cancel.set()
+        return False
+
+    source: Iterator[Any] | None = None
+    try:
+        source = make_source(cancel)
+        for item in source:
+            if gone.is_set() or not hand_over(item):
+                break
+    except BaseException as exc:  # handed to the consumer, raised there
+        hand_over(exc)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+        if not gone.is_set():
+            hand_over(_DONE)
 
 
 class AsyncStream(Generic[T]):
+    """An async iterator of chunks produced by a worker thread (see the module docstring)."""
+
     def __init__(self, make_source: Callable[[threading.Event], Iterator[T]],
                  on_complete: Callable[[], None] | None = None) -> None:
         self._make_source = make_source
         self._on_complete = on_complete
         self._cancel = threading.Event()
+        self._gone = threading.Event()
         self._queue: asyncio.Queue[object] | None = None
-        self._task: asyncio.Future[None] | None = None
+        self._worker: threading.Thread | None = None
         self._closed = False
 
     def _start(self) -> asyncio.Queue[object]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-
-        def produce() -> None:
-            source = self._make_source(self._cancel)
-            try:
-                for item in source:
-                    if self._cancel.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-            except BaseException as exc:  # handed to the consumer, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                close = getattr(source, "close", None)
-                if close is not None:
-                    close()
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        self._task = asyncio.ensure_future(asyncio.to_thread(produce))
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+        self._worker = threading.Thread(
+            target=_produce, args=(asyncio.get_running_loop(), queue, self._cancel, self._gone, self._make_source),
+            name="local-llm-kit-stream", daemon=True,
+        )
+        self._worker.start()
         return queue
 
     def __aiter__(self) -> AsyncIterator[T]:
@@ -120,11 +189,14 @@ class AsyncStream(Generic[T]):
         return item  # type: ignore[return-value]
 
     async def aclose(self) -> None:
-        """Stop generation: the worker thread returns before computing another token."""
+        """Stop generation: the worker returns before computing another token, and gives the model back."""
         self._closed = True
+        self._gone.set()
         self._cancel.set()
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            # Waiting in a thread keeps the event loop free; the worker stops within a token.
+            await asyncio.to_thread(worker.join)
 
     async def close(self) -> None:
         await self.aclose()
@@ -135,6 +207,12 @@ class AsyncStream(Generic[T]):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): the worker sees the flag before its next token and exits.
+        for flag in (getattr(self, "_gone", None), getattr(self, "_cancel", None)):
+            if flag is not None:
+                flag.set()
 
 
 class ReplyCollector:

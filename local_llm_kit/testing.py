@@ -15,6 +15,8 @@ stop strings, streaming, constraints, memory, KV-prefix reuse) runs for real on 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,15 +51,19 @@ class FakeBackend(Backend):
     ``forward_calls`` records how many tokens each forward pass evaluated, so tests can check
     KV-prefix reuse. Logits are 0 for the scripted token and -10 for every other token, so
     sampling at any temperature still produces the script while penalties and biases can move it.
+    ``delay_s`` makes each forward pass take that long, for tests of streaming, cancellation and
+    concurrency; two forward passes running at once (a broken lock) raise ``RuntimeError``.
     """
 
     name = "fake"
     END_OF_TURN = 256 + SPECIAL_TOKENS.index("<|im_end|>")
 
     def __init__(self, reply: Reply = "Hello!", *, n_ctx: int = 2048, chat_template: str | None = CHATML_TEMPLATE,
-                 architecture: str = "fake") -> None:
+                 architecture: str = "fake", delay_s: float = 0.0) -> None:
         super().__init__()
         self.reply = reply
+        self.delay_s = delay_s
+        self._in_forward = threading.Lock()
         self._n_ctx = n_ctx
         self._info = ModelInfo(
             path="fake", architecture=architecture, n_vocab=256 + len(SPECIAL_TOKENS), n_ctx_train=n_ctx,
@@ -112,9 +118,16 @@ class FakeBackend(Backend):
             raise ValueError("forward needs at least one token")
         if len(self._cached) + len(tokens) > self._n_ctx:
             raise ValueError("context overflow")
-        self.forward_calls.append(len(tokens))
-        self._cached.extend(tokens)
-        return self._next_logits()
+        if not self._in_forward.acquire(blocking=False):
+            raise RuntimeError("two forward passes ran at once on one KV cache")
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            self.forward_calls.append(len(tokens))
+            self._cached.extend(tokens)
+            return self._next_logits()
+        finally:
+            self._in_forward.release()
 
     def truncate_cache(self, n_keep: int) -> int:
         del self._cached[n_keep:]

@@ -168,9 +168,9 @@ def _convert(gguf_path: Path, entry: Path, sha256: str) -> None:
     try:
         _write_entry(gguf_path, tmp, sha256)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
-            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written entry behind
+        if not isinstance(exc, Exception) or isinstance(exc, MemoryError):
+            raise  # cancellation, interrupt, exit: not a property of the file
         raise ModelLoadError(f"transformers could not load the GGUF file {gguf_path}: {exc}") from exc
     try:
         os.rename(tmp, entry)

@@ -124,14 +124,20 @@ class LlamaCppBackend(Backend):
         try:
             self._llama.eval(list(tokens))
         except Exception:
-            # A failed decode leaves the cache in an unknown state: forget it entirely.
-            self.truncate_cache(0)
+            # A failed decode leaves the cache in an unknown state (Llama.eval may already have
+            # advanced n_tokens past the batches it decoded): forget it entirely.
+            self._reset_cache()
             raise
         self._cached.extend(tokens)
         pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         # A view of llama.cpp's own buffer, not a copy (1 MB per token for a 262k vocabulary):
         # the decode loop is done with it, masking in place included, before the next forward.
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def _reset_cache(self) -> None:
+        self._llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+        self._llama.n_tokens = 0
+        self._cached.clear()
 
     def truncate_cache(self, n_keep: int) -> int:
         n_keep = max(0, min(n_keep, len(self._cached)))
@@ -146,5 +152,7 @@ class LlamaCppBackend(Backend):
         return n_keep
 
     def close(self) -> None:
+        # The engine's lease guarantees no step or tokenization runs now, nor will after this.
+        self._cached.clear()
         with contextlib.suppress(Exception):
             self._llama.close()

@@ -159,9 +159,11 @@ class TransformersBackend(Backend):
             model: Any = AutoModelForCausalLM.from_pretrained(
                 str(folder), dtype=self._dtype, local_files_only=True
             )
-        except (KeyboardInterrupt, SystemExit, MemoryError):
+        except MemoryError:
             raise
-        except BaseException as exc:  # transformers raises many types, some odd (SafetensorError)
+        except Exception as exc:  # transformers raises many types, some odd (SafetensorError)
+            # Only errors of the files: a cancellation or an interrupt (BaseException) is not a
+            # damaged entry, and must not get the conversion cache deleted by the caller.
             raise ModelLoadError(f"transformers could not load {folder}: {exc}") from exc
         return tokenizer, model.to(self._device)
 
