@@ -1,0 +1,103 @@
+"""What the LlamaIndex adapter costs: ``LocalLLMKit.chat``/``stream_chat`` against the direct client.
+
+Both contenders drive the same loaded engine (llama.cpp backend, SmolLM2), greedy, same prompt,
+cold KV cache each run, interleaved run by run (benchmarks/common.py). Streamed: time to first
+content and decode tokens/s (tokens after the first over the time after the first). Not
+streamed: completion tokens over the whole call. Target: the adapter at >= 0.98x the client.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import side_by_side, write_results
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.llms.local_llm_kit import LocalLLMKit
+
+from local_llm_kit import LLMClient
+from local_llm_kit.backends.llama_cpp import default_threads
+
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+LI_MESSAGES = [ChatMessage(role="user", content=MESSAGES[0]["content"])]
+MAX_TOKENS = 128
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=default_threads())
+    threads = parser.parse_args().threads
+    client = LLMClient("smollm2-135m-instruct", temperature=0, n_threads=threads).load()
+    llm = LocalLLMKit(client=client, temperature=0, max_tokens=MAX_TOKENS)
+    backend = client.engine.backend
+
+    def client_stream() -> dict[str, float]:
+        backend.truncate_cache(0)  # cold prompt every run
+        start = time.perf_counter()
+        first, tokens = None, 0
+        for chunk in client.chat.completions.create(messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}):
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            elif first is None and chunk.choices[0].delta.content:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        assert first is not None
+        return {"ttft_s": first - start, "decode_tok_s": (tokens - 1) / (end - first), "tokens": tokens}
+
+    def adapter_stream() -> dict[str, float]:
+        backend.truncate_cache(0)
+        start = time.perf_counter()
+        first, tokens = None, 0
+        for response in llm.stream_chat(LI_MESSAGES):
+            if response.additional_kwargs.get("completion_tokens"):
+                tokens = response.additional_kwargs["completion_tokens"]
+            elif first is None and response.delta:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        assert first is not None
+        return {"ttft_s": first - start, "decode_tok_s": (tokens - 1) / (end - first), "tokens": tokens}
+
+    def client_chat() -> dict[str, float]:
+        backend.truncate_cache(0)
+        start = time.perf_counter()
+        response = client.chat.completions.create(messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+        elapsed = time.perf_counter() - start
+        tokens = response.usage.completion_tokens
+        return {"total_s": elapsed, "tok_s": tokens / elapsed, "tokens": tokens}
+
+    def adapter_chat() -> dict[str, float]:
+        backend.truncate_cache(0)
+        start = time.perf_counter()
+        response = llm.chat(LI_MESSAGES)
+        elapsed = time.perf_counter() - start
+        tokens = response.additional_kwargs["completion_tokens"]
+        return {"total_s": elapsed, "tok_s": tokens / elapsed, "tokens": tokens}
+
+    streamed = side_by_side({"client create(stream=True)": client_stream,
+                             "LocalLLMKit.stream_chat": adapter_stream})
+    whole = side_by_side({"client create()": client_chat, "LocalLLMKit.chat": adapter_chat})
+    s_base, s_ours = streamed["client create(stream=True)"], streamed["LocalLLMKit.stream_chat"]
+    w_base, w_ours = whole["client create()"], whole["LocalLLMKit.chat"]
+    table = [f"SmolLM2-135M-Instruct Q4_1, llama.cpp backend, {threads} threads, greedy, {MAX_TOKENS} new tokens, "
+             "cold prompt, median of 5, contenders interleaved",
+             "", "| path | decode tok/s | adapter / client | TTFT ms | TTFT adapter / client |",
+             "|---|---|---|---|---|",
+             f"| client `create(stream=True)` | {s_base['decode_tok_s']:.1f} | — | {s_base['ttft_s'] * 1e3:.1f} | — |",
+             f"| `LocalLLMKit.stream_chat` | {s_ours['decode_tok_s']:.1f} | "
+             f"**{s_ours['decode_tok_s'] / s_base['decode_tok_s']:.3f}x** | {s_ours['ttft_s'] * 1e3:.1f} | "
+             f"{s_ours['ttft_s'] / s_base['ttft_s']:.3f}x |",
+             "", "| path | tok/s (whole call) | adapter / client | call ms |", "|---|---|---|---|",
+             f"| client `create()` | {w_base['tok_s']:.1f} | — | {w_base['total_s'] * 1e3:.1f} |",
+             f"| `LocalLLMKit.chat` | {w_ours['tok_s']:.1f} | **{w_ours['tok_s'] / w_base['tok_s']:.3f}x** | "
+             f"{w_ours['total_s'] * 1e3:.1f} |"]
+    write_results("llama_index", {"threads": threads, "max_tokens": MAX_TOKENS, "streamed": streamed,
+                                  "whole": whole}, table)
+
+
+if __name__ == "__main__":
+    main()
