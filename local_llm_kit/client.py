@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from typing_extensions import Unpack
 
@@ -23,6 +23,7 @@ from local_llm_kit.config import (
     DEFAULT_MODEL,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    REMOTE_BACKEND,
     Settings,
     resolve_settings,
 )
@@ -40,6 +41,9 @@ from local_llm_kit.params import CompletionCreateParams, MessageParam, RequestOp
 from local_llm_kit.request import ChatRequest, normalize_messages, validate_request
 from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
 from local_llm_kit.types import CompletionChunk, CompletionResponse, Message
+
+if TYPE_CHECKING:
+    from local_llm_kit.remote import RemoteEndpoint
 
 __all__ = ["AsyncLLMClient", "LLMClient"]
 
@@ -111,11 +115,15 @@ class _BaseClient:
         n_threads: int | None = None,
         dtype: str | None = None,
         device: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
     ) -> None:
         self.settings: Settings = resolve_settings(
             model=model, model_path=model_path, backend=backend, context_length=context_length,
             temperature=temperature, top_p=top_p, cache_dir=cache_dir, n_threads=n_threads,
-            dtype=dtype, device=device,
+            dtype=dtype, device=device, base_url=base_url, api_key=api_key,
         )
         self._explicit_model = model
         self._resolved: ResolvedModel | None = None
@@ -123,6 +131,18 @@ class _BaseClient:
         self._load_lock = threading.Lock()
         self._closed = False
         self._memory: ConversationMemory | None = None
+        # backend="openai": requests go to an OpenAI-compatible server (local_llm_kit.remote).
+        self._remote: RemoteEndpoint | None = None
+        if self.settings.backend == REMOTE_BACKEND:
+            from local_llm_kit.remote import RemoteEndpoint
+
+            assert self.settings.base_url is not None  # resolve_settings requires it
+            self._remote = RemoteEndpoint(self.settings.base_url, api_key=self.settings.api_key, model=model,
+                                          timeout=timeout, max_retries=2 if max_retries is None else max_retries)
+        elif timeout is not None or max_retries is not None:
+            name = "timeout" if timeout is not None else "max_retries"
+            raise InvalidRequestError(f"{name} only applies to backend='openai'; in-process, pass timeout= to "
+                                      "create()", param=name)
 
     # -- model ----------------------------------------------------------------------------
     @property
@@ -134,6 +154,8 @@ class _BaseClient:
     @property
     def model(self) -> str:
         """Name of the model as responses report it."""
+        if self._remote is not None:
+            return self._remote.model
         return self.resolved_model.name
 
     @property
@@ -149,6 +171,9 @@ class _BaseClient:
 
         If the model was unloaded meanwhile (``unload_all()``), it is loaded again.
         """
+        if self._remote is not None:
+            raise InvalidRequestError(f"backend='openai' runs the model on the server at {self._remote.base_url}: "
+                                      "there is no local engine", param="backend")
         engine = self._engine
         if engine is None or engine.closed:
             with self._load_lock:
@@ -171,6 +196,8 @@ class _BaseClient:
             self._closed = True
         if engine is not None:
             detach(engine)
+        if self._remote is not None:
+            self._remote.close()
 
     def _engine_for(self, model: str | None) -> Engine:
         if model is None or model in (self._explicit_model, self.resolved_model.name):
@@ -187,6 +214,10 @@ class _BaseClient:
         chat template is rendered with them and tokenized by the model's tokenizer. Memory is not
         added: pass the history to count it.
         """
+        if self._remote is not None:
+            from local_llm_kit import remote
+
+            return remote.count_tokens(self, self._remote, messages, tools, params)
         _, request, _ = self._validate(False, {**params, "messages": messages, "tools": tools})
         return len(chat_path.encode_request(self._engine_for(request.model), request)[1])
 
@@ -243,6 +274,8 @@ class _BaseClient:
         return self._memory
 
     def _count_history(self, messages: Sequence[dict[str, Any]]) -> int:
+        if self._remote is not None:
+            return self._remote.count_tokens({"model": self.model, "messages": list(messages)})
         return len(chat_path.encode_request(self.engine, ChatRequest.for_counting(messages))[1])
 
     def _validate(self, stream: Any, params: Mapping[str, Any]) -> tuple[Engine, ChatRequest, float | None]:
@@ -485,18 +518,26 @@ class LLMClient(_BaseClient):
     :param context_length: context window in tokens (default 2048).
     :param temperature: default sampling temperature (0.7); 0 is greedy.
     :param top_p: default nucleus sampling mass (0.9).
-    :param backend: ``'llama.cpp'`` (default) or ``'transformers'``.
+    :param backend: ``'llama.cpp'`` (default), ``'transformers'``, or ``'openai'``: requests go to the
+        OpenAI-compatible server at ``base_url`` (vLLM, llama.cpp's server, ``local-llm-kit serve``...),
+        with ``api_key`` (default ``LOCAL_LLM_KIT_API_KEY``), ``timeout`` (s, default 600) and
+        ``max_retries`` (default 2; only where safe, see :mod:`local_llm_kit.remote`).
 
     Weights load on first use or on :meth:`load`.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.chat = Chat(Completions(self))
+        if self._remote is not None:
+            from local_llm_kit.remote import RemoteCompletions
+
+            self.chat = Chat(RemoteCompletions(self, self._remote))
+        else:
+            self.chat = Chat(Completions(self))
 
     def load(self) -> LLMClient:
-        """Load the weights now instead of on first use."""
-        _ = self.engine
+        """Load the weights now instead of on first use (``backend="openai"``: reach the server)."""
+        _ = self.model if self._remote is not None else self.engine
         return self
 
     def close(self) -> None:
@@ -519,10 +560,15 @@ class AsyncLLMClient(_BaseClient):
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.chat = AsyncChat(AsyncCompletions(self))
+        if self._remote is not None:
+            from local_llm_kit.remote import AsyncRemoteCompletions
+
+            self.chat = AsyncChat(AsyncRemoteCompletions(self, self._remote))
+        else:
+            self.chat = AsyncChat(AsyncCompletions(self))
 
     async def load(self) -> AsyncLLMClient:
-        await asyncio.to_thread(lambda: self.engine)
+        await asyncio.to_thread(lambda: self.model if self._remote is not None else self.engine)
         return self
 
     async def close(self) -> None:

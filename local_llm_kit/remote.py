@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -45,21 +45,25 @@ try:
 except ImportError as _missing:  # the client raises a clear error when backend="openai" is used
     raise ImportError("backend='openai' needs httpx: pip install 'local-llm-kit[server]'") from _missing
 
+from local_llm_kit.client import AsyncCompletions, Completions
 from local_llm_kit.errors import (
     InvalidRequestError,
     LocalLLMKitError,
     ModelNotFoundError,
 )
-from local_llm_kit.request import ChatRequest
-from local_llm_kit.types import CompletionChunk, CompletionResponse
+from local_llm_kit.request import ChatRequest, normalize_messages
+from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
+from local_llm_kit.types import CompletionChunk, CompletionResponse, Message
 
-__all__ = ["RemoteEndpoint", "RemoteServerError", "create_parameter_names", "request_body"]
+__all__ = ["AsyncRemoteCompletions", "RemoteCompletions", "RemoteEndpoint", "RemoteServerError", "count_tokens",
+           "create_parameter_names", "request_body"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_RETRIES = 2
 _RETRY_STATUSES = (429, 503)
+_PROMPT_SHAPING = frozenset({"tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format"})
 _MAX_BACKOFF_S = 8.0
 
 
@@ -182,7 +186,8 @@ class RemoteEndpoint:
     # -- token counts ---------------------------------------------------------------------------
     def count_tokens(self, body: dict[str, Any]) -> int:
         """Exactly the ``usage.prompt_tokens`` that sending ``body`` would report (see module doc)."""
-        prompt_shaping = {k for k in body if k not in ("model", "messages", "tools")}
+        # Parameters that change the prompt beyond messages and tools: only a completion counts them.
+        prompt_shaping = _PROMPT_SHAPING & set(body)
         if self._tokenize_supported is not False and not prompt_shaping:
             tokenize = {"model": body["model"], "messages": body["messages"], "add_generation_prompt": True}
             if body.get("tools"):
@@ -387,22 +392,6 @@ def iter_chunks(response: httpx.Response, cancel: threading.Event | None = None)
         response.close()
 
 
-async def aiter_chunks(response: httpx.Response) -> AsyncIterator[CompletionChunk]:
-    async def lines() -> AsyncIterator[str]:
-        async for line in response.aiter_lines():
-            yield line
-
-    try:
-        data: list[str] = []
-        async for line in lines():
-            for payload in _feed(line, data):
-                if payload == "[DONE]":
-                    return
-                yield _chunk(payload, str(response.url))
-    finally:
-        await response.aclose()
-
-
 def _events(lines: Iterator[str]) -> Iterator[str]:
     """The data payloads of a server-sent event stream."""
     data: list[str] = []
@@ -501,14 +490,8 @@ def split_options(params: Mapping[str, Any], known: Sequence[str]) -> tuple[dict
 # -- create() over HTTP ------------------------------------------------------------------------
 def create_parameter_names() -> frozenset[str]:
     """The parameters ``create()`` takes (as the in-process client declares them)."""
-    try:
-        from local_llm_kit.params import CompletionCreateParams
-    except ImportError:  # an older core without the typed parameter declaration
-        import inspect
+    from local_llm_kit.params import CompletionCreateParams
 
-        from local_llm_kit.client import Completions
-
-        return frozenset(inspect.signature(Completions.create).parameters) - {"self", "unsupported"}
     return frozenset(CompletionCreateParams.__required_keys__ | CompletionCreateParams.__optional_keys__) | {"stream"}
 
 
@@ -553,3 +536,141 @@ def prepare_call(endpoint: RemoteEndpoint, settings: Any, stream: Any, params: M
                                n_vocab=_ANY_VOCAB)
     body = request_body(request, request.model or endpoint.model, forwarded)
     return RemoteCall(request, body, options, list(request.messages))
+
+
+class _RemoteMixin:
+    """What the sync and async remote ``completions`` share: memory around a forwarded request."""
+
+    _client: Any
+    _endpoint: RemoteEndpoint
+
+    def _bodies(self, call: RemoteCall) -> Iterator[dict[str, Any]]:
+        """The body to send, then (with memory) ones with fewer remembered turns, oldest dropped first.
+
+        The server's context length is the server's business: a body is only replaced by a
+        shorter one when the server answers that it does not fit.
+        """
+        memory = self._client._memory
+        if memory is None:
+            yield call.body
+            return
+        new = list(call.request.messages)
+        replaces_system = any(m["role"] == "system" for m in new)
+        if replaces_system:
+            new = [m for m in new if m["role"] == "system"] + [m for m in new if m["role"] != "system"]
+        for dropped, history in enumerate(memory.candidates()):
+            if replaces_system:
+                history = [m for m in history if m["role"] != "system"]
+            if dropped:
+                logger.info("memory: leaving out the %d oldest turns to fit the server's context", dropped)
+            yield {**call.body, "messages": history + new}
+
+    def _remember(self, new_messages: Sequence[dict[str, Any]], reply: Message) -> None:
+        memory = self._client._memory
+        if memory is not None:
+            # Only what a later request may send back: a server's extra fields stay out.
+            kept = Message(content=reply.content, tool_calls=reply.tool_calls, function_call=reply.function_call)
+            memory.add([*new_messages, *normalize_messages([kept.model_dump(exclude_none=True)])])
+
+
+def _overflowed(exc: Exception, more: bool) -> bool:
+    return more and isinstance(exc, _Rejected) and exc.context_overflow
+
+
+class RemoteCompletions(_RemoteMixin, Completions):
+    """``client.chat.completions`` of an ``LLMClient(backend="openai")``."""
+
+    def __init__(self, client: Any, endpoint: RemoteEndpoint) -> None:
+        super().__init__(client)
+        self._endpoint = endpoint
+
+    def create(self, *, stream: bool = False, **params: Any) -> Any:
+        """Validate as the in-process client does, forward, and return our response types."""
+        call = prepare_call(self._endpoint, self._client.settings, stream, params)
+        bodies = list(self._bodies(call))
+        for i, body in enumerate(bodies):
+            try:
+                if call.request.stream:
+                    response = self._endpoint.open_stream(body, timeout=call.timeout, headers=call.headers,
+                                                          params=call.params)
+                else:
+                    data = self._endpoint.request("POST", self._endpoint.base_url + "/chat/completions", body,
+                                                  timeout=call.timeout, headers=call.headers, params=call.params)
+            except _Rejected as exc:
+                if _overflowed(exc, i + 1 < len(bodies)):
+                    continue
+                raise
+            if call.request.stream:
+                return self._stream(response, call)
+            completion = parse_completion(data, self._endpoint.base_url)
+            self._remember(call.new_messages, completion.choices[0].message)
+            return completion
+        raise AssertionError("unreachable")
+
+    def _stream(self, response: httpx.Response, call: RemoteCall) -> Stream[CompletionChunk]:
+        collector = ReplyCollector()
+        cancel = threading.Event()
+        stream = Stream(collector.watch(iter_chunks(response, cancel)), cancel=cancel,
+                        on_complete=lambda: self._remember(call.new_messages, collector.message()))
+        close_on_collect(stream, response)
+        return stream
+
+
+class AsyncRemoteCompletions(_RemoteMixin, AsyncCompletions):
+    """``client.chat.completions`` of an ``AsyncLLMClient(backend="openai")``."""
+
+    def __init__(self, client: Any, endpoint: RemoteEndpoint) -> None:
+        super().__init__(client)
+        self._endpoint = endpoint
+
+    async def create(self, *, stream: bool = False, **params: Any) -> Any:
+        # Naming the model may ask the server (GET /models) once: off the event loop.
+        call = await asyncio.to_thread(prepare_call, self._endpoint, self._client.settings, stream, params)
+        bodies = list(self._bodies(call))
+        for i, body in enumerate(bodies):
+            try:
+                if call.request.stream:
+                    response = await _open_off_loop(self._endpoint, body, call)
+                else:
+                    data = await self._endpoint.arequest(body, timeout=call.timeout, headers=call.headers,
+                                                         params=call.params)
+            except _Rejected as exc:
+                if _overflowed(exc, i + 1 < len(bodies)):
+                    continue
+                raise
+            if call.request.stream:
+                return self._stream(response, call)
+            completion = parse_completion(data, self._endpoint.base_url)
+            self._remember(call.new_messages, completion.choices[0].message)
+            return completion
+        raise AssertionError("unreachable")
+
+
+    def _stream(self, response: httpx.Response, call: RemoteCall) -> AsyncStream[CompletionChunk]:
+        collector = ReplyCollector()
+        chunks: AsyncStream[CompletionChunk] = AsyncStream(
+            lambda cancel: collector.watch(iter_chunks(response, cancel)),
+            on_complete=lambda: self._remember(call.new_messages, collector.message()))
+        close_on_collect(chunks, response)
+        return chunks
+
+
+async def _open_off_loop(endpoint: RemoteEndpoint, body: dict[str, Any], call: RemoteCall) -> httpx.Response:
+    """Open a stream in a thread; if the caller is cancelled meanwhile, close it once it opens."""
+    opening = asyncio.ensure_future(asyncio.to_thread(endpoint.open_stream, body, timeout=call.timeout,
+                                                      headers=call.headers, params=call.params))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        def close(done: asyncio.Future[httpx.Response]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().close()
+
+        opening.add_done_callback(close)
+        raise
+
+
+def count_tokens(client: Any, endpoint: RemoteEndpoint, messages: Any, tools: Any, params: Mapping[str, Any]) -> int:
+    """``client.count_tokens`` over the server: exactly the ``prompt_tokens`` of the same request."""
+    call = prepare_call(endpoint, client.settings, False, {**params, "messages": messages, "tools": tools})
+    return endpoint.count_tokens(call.body)
