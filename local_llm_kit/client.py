@@ -459,6 +459,9 @@ class AsyncCompletions(_Completions):
             response = await asyncio.shield(worker)
         except asyncio.CancelledError:
             cancel.set()  # the worker stops before its next token
+            # ... and ends with GenerationCancelledError, which nobody awaits any more: retrieve it
+            # so asyncio does not log "exception was never retrieved".
+            worker.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
         self._remember(new_messages, response.choices[0].message)
         return response

@@ -113,12 +113,27 @@ def test_prompt_over_the_context_raises_with_counts() -> None:
     assert info.value.max_tokens == 60 and info.value.param == "max_tokens"
 
 
-def test_n_choices_and_seeded_sampling() -> None:
+def test_n_choices() -> None:
     client = fake_client(REPLY)
-    response = client.chat.completions.create(messages=HI, n=3, temperature=1.0, seed=7)
+    response = client.chat.completions.create(messages=HI, n=3, temperature=0)
     assert [c.index for c in response.choices] == [0, 1, 2]
     assert all(c.message.content == REPLY for c in response.choices)
     assert response.usage.completion_tokens == 3 * (len(REPLY.encode()) + 1)
+
+
+def test_seeded_sampling_is_reproducible_and_the_seed_matters() -> None:
+    client = fake_client(REPLY)
+    # temperature 2 and top_p 1 leave the scripted byte a probability far from 1 (logit margin 10 / 2
+    # against 258 others), so sampling really chooses, and the seed decides what.
+    def sample(seed: int) -> list[str | None]:
+        response = client.chat.completions.create(messages=HI, n=2, temperature=2.0, top_p=1.0, seed=seed,
+                                                  max_tokens=12)
+        return [c.message.content for c in response.choices]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert first[0] != first[1]  # each choice gets its own seed
+    assert len({tuple(sample(seed)) for seed in range(5)}) > 1
 
 
 def test_logprobs(client: LLMClient) -> None:
@@ -135,9 +150,12 @@ def test_logit_bias_and_penalties_change_the_choice() -> None:
     # a bias of -100 on "a" makes another token win
     biased = client.chat.completions.create(messages=HI, temperature=0, logit_bias={ord("a"): -100}, max_tokens=2)
     assert "a" not in (biased.choices[0].message.content or "")
+    plain = client.chat.completions.create(messages=HI, temperature=0, max_tokens=8)
+    assert plain.choices[0].message.content == "a" * 8
     penalized = client.chat.completions.create(messages=HI, temperature=0, frequency_penalty=2.0, max_tokens=8)
-    # the fake model's margin is 10; after 5 "a"s the penalty (2 per use) outweighs it
-    assert penalized.choices[0].message.content != "aaaa"
+    # the fake model's margin is 10; after 5 "a"s the penalty (2 per use) ties it, and another token wins
+    content = penalized.choices[0].message.content or ""
+    assert content.startswith("a" * 5) and content[5] != "a"
 
 
 def test_content_parts_and_developer_role_are_accepted(client: LLMClient) -> None:
