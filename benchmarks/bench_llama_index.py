@@ -25,12 +25,30 @@ LI_MESSAGES = [ChatMessage(role="user", content=MESSAGES[0]["content"])]
 MAX_TOKENS = 128
 
 
+def _without_weight_repacking() -> None:
+    """TEMPORARY workaround (same as integrations/llama_index/tests/conftest.py): llama-cpp-python
+    0.3.36 as built here segfaults in its first eval on this Intel Xeon (AVX512/AMX) when weights
+    are repacked into the CPU's extra buffer types. The fix belongs in local_llm_kit/backends/llama_cpp.py."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    original = llama_cpp.llama_model_default_params
+
+    def params():  # type: ignore[no-untyped-def]
+        value = original()
+        value.use_extra_bufts = False
+        return value
+
+    llama_module.llama_cpp.llama_model_default_params = params
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=default_threads())
     threads = parser.parse_args().threads
+    _without_weight_repacking()
     client = LLMClient("smollm2-135m-instruct", temperature=0, n_threads=threads).load()
     llm = LocalLLMKit(client=client, temperature=0, max_tokens=MAX_TOKENS)
     backend = client.engine.backend

@@ -9,25 +9,27 @@ returned as if it were the answer.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse
-from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
     LLMStructuredPredictInProgressEvent,
     LLMStructuredPredictStartEvent,
 )
-from llama_index.core.llms.llm import LLM, Model
+from llama_index.core.llms.llm import LLM
 from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
 from llama_index.core.prompts import PromptTemplate
-from pydantic import ValidationError
+from llama_index_instrumentation import get_dispatcher
+from pydantic import BaseModel, ValidationError
 
 from local_llm_kit import InvalidRequestError
 
-__all__ = ["StructuredOutputError", "astream", "finish", "response_format", "start", "stream"]
+__all__ = ["Model", "StructuredOutputError", "astream", "finish", "response_format", "start", "stream"]
 
 dispatcher = get_dispatcher(__name__)
+
+Model = TypeVar("Model", bound=BaseModel)
 
 # These would compete with the schema for what the model must produce.
 _CONFLICTING = ("response_format", "tools", "tool_choice", "functions", "function_call")

@@ -29,13 +29,14 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
-from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
-from llama_index.core.llms.llm import Model, ToolSelection
+from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.types import PydanticProgramMode
 from llama_index.llms.local_llm_kit import _convert, _structured
+from llama_index.llms.local_llm_kit._structured import Model
+from llama_index_instrumentation import get_dispatcher
 
 from local_llm_kit import AsyncLLMClient, InvalidRequestError, LLMClient
 
@@ -126,7 +127,8 @@ class LocalLLMKit(FunctionCallingLLM):
     def _derive(self, cls: type[Any]) -> Any:
         # Re-open the other client's weights by their resolved path with its settings: the core
         # shares engines per (backend, file, options), so nothing is loaded twice.
-        source: LLMClient | AsyncLLMClient = self._client or self._async_client  # type: ignore[assignment]
+        source = self._client or self._async_client
+        assert source is not None
         s = source.settings
         resolved = source.resolved_model
         return cls(resolved.name, model_path=str(resolved.path), backend=s.backend, context_length=s.context_length,
@@ -146,7 +148,8 @@ class LocalLLMKit(FunctionCallingLLM):
         client = self.client
 
         def tokenize(text: str) -> list[int]:
-            return client.engine.backend.tokenize(text)
+            ids: list[int] = client.engine.backend.tokenize(text)
+            return ids
 
         return tokenize
 
@@ -295,23 +298,25 @@ class LocalLLMKit(FunctionCallingLLM):
         return _convert.tool_selections(response, error_on_no_tool_call)
 
     # -- structured output (constrained JSON-schema decoding) ---------------------------------
-    @dispatcher.span  # type: ignore[misc]
+    @dispatcher.span
     def structured_predict(self, output_cls: type[Model], prompt: PromptTemplate,
                            llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Model:
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            result: Model = super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            return result
         messages, kwargs = _structured.start(self, output_cls, prompt, llm_kwargs, prompt_args)
         return _structured.finish(output_cls, self.chat(messages, **kwargs))
 
-    @dispatcher.span  # type: ignore[misc]
+    @dispatcher.span
     async def astructured_predict(self, output_cls: type[Model], prompt: PromptTemplate,
                                   llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Model:
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            aresult: Model = await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            return aresult
         messages, kwargs = _structured.start(self, output_cls, prompt, llm_kwargs, prompt_args)
         return _structured.finish(output_cls, await self.achat(messages, **kwargs))
 
-    @dispatcher.span  # type: ignore[misc]
+    @dispatcher.span
     def stream_structured_predict(self, output_cls: type[Model], prompt: PromptTemplate,
                                   llm_kwargs: dict[str, Any] | None = None,
                                   **prompt_args: Any) -> Generator[Model | FlexibleModel, None, None]:
@@ -321,7 +326,7 @@ class LocalLLMKit(FunctionCallingLLM):
         messages, kwargs = _structured.start(self, output_cls, prompt, llm_kwargs, prompt_args)
         return _structured.stream(output_cls, self.stream_chat(messages, **kwargs))
 
-    @dispatcher.span  # type: ignore[misc]
+    @dispatcher.span
     async def astream_structured_predict(self, output_cls: type[Model], prompt: PromptTemplate,
                                          llm_kwargs: dict[str, Any] | None = None,
                                          **prompt_args: Any) -> AsyncGenerator[Model | FlexibleModel, None]:

@@ -39,13 +39,13 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.callbacks import CallbackManager, CBEventType
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.token_counting import get_tokens_from_response
-from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM
 from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
 from llama_index.core.tools import FunctionTool
+from llama_index_instrumentation import get_dispatcher
 from pydantic import BaseModel, Field
 
 __all__ = ["LLMContractTests"]
@@ -234,7 +234,7 @@ class LLMContractTests:
         stream = await llm.astream_chat([_user("Write a very long story about the sea.")])
         first = await stream.__anext__()
         assert isinstance(first, ChatResponse)
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         assert (await llm.achat([_user(self.prompt)])).message.content
 
     # -- tools ----------------------------------------------------------------------------

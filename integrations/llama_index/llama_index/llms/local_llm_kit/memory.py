@@ -46,7 +46,7 @@ class LocalLLMKitMemory(BaseMemory):
         return "LocalLLMKitMemory"
 
     @classmethod
-    def from_defaults(cls, llm: LocalLLMKit | None = None, token_limit: int | None = None,  # type: ignore[override]
+    def from_defaults(cls, llm: LocalLLMKit | None = None, token_limit: int | None = None,
                       chat_history: list[ChatMessage] | None = None, **kwargs: Any) -> LocalLLMKitMemory:
         """Memory for ``llm`` (default: ``Settings.llm``); the default budget leaves room for one reply."""
         if kwargs:
@@ -74,12 +74,14 @@ class LocalLLMKitMemory(BaseMemory):
 
     def token_count(self) -> int:
         """Tokens of the remembered history as the model sees it (chat template rendered)."""
-        return self._memory.token_count()
+        count: int = self._memory.token_count()
+        return count
 
     @property
     def trimmed_total(self) -> int:
         """Messages dropped by trimming so far."""
-        return self._memory.trimmed_total
+        trimmed: int = self._memory.trimmed_total
+        return trimmed
 
     # -- BaseMemory -----------------------------------------------------------------------
     def get(self, input: str | None = None, initial_token_count: int = 0, **kwargs: Any) -> list[ChatMessage]:
@@ -109,10 +111,10 @@ class LocalLLMKitMemory(BaseMemory):
     def put(self, message: ChatMessage) -> None:
         self.put_messages([message])
 
-    def put_messages(self, messages: Sequence[ChatMessage]) -> None:  # type: ignore[override]
+    def put_messages(self, messages: Sequence[ChatMessage]) -> None:
         self._memory.add(_normalized(messages))
 
-    def set(self, messages: Sequence[ChatMessage]) -> None:  # type: ignore[override]
+    def set(self, messages: Sequence[ChatMessage]) -> None:
         self._memory.replace(_normalized(messages))
 
     def reset(self) -> None:
@@ -120,4 +122,5 @@ class LocalLLMKitMemory(BaseMemory):
 
 
 def _normalized(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    return normalize_messages(_convert.to_openai_messages(messages))
+    normalized: list[dict[str, Any]] = normalize_messages(_convert.to_openai_messages(messages))
+    return normalized
