@@ -3,15 +3,18 @@
 When a constrained reply is about to run out of ``max_tokens`` (or of context), the decode loop
 steers it to a completion the grammar accepts: close the open string, the open containers, and
 write the smallest values the schema allows for required fields still missing. The completion is
-searched token by token from the matcher's state: forced tokens are taken as they are; otherwise
-the allowed token that closes most is preferred (``"``, ``}``, ``]`` and their combinations),
-then the smallest values (``0``, ``""``, ``[]``, ``{}``, ``null``...), then the longest allowed
-token. Every token comes from the grammar's mask, so the completed reply is always accepted; the
-search is greedy, so the completion is short but not necessarily the shortest.
+searched token by token from the matcher's state: forced tokens (and the first token of forced
+bytes) are taken as they are; otherwise the allowed token that closes most is preferred (``"``,
+``}``, ``]`` and their combinations; a closing quote first inside a string, where ``}`` is only
+text, and last outside one, where it would open a string), then the smallest values (``0``,
+``""``, ``[]``, ``{}``, ``null``...), then single characters. Every token comes from the
+grammar's mask, so the completed reply is always accepted; the search is greedy, so the
+completion is short but not necessarily the shortest.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Collection
 
@@ -24,8 +27,6 @@ __all__ = ["Closer", "closer_for"]
 _CLOSERS = frozenset(b'"}]')
 # Values that complete in one token, best first.
 _SMALL_VALUES = (b"0", b'""', b"[]", b"{}", b"null", b"false", b"true", b"1", b"[", b"{", b'"')
-_TOP = 256
-"""Candidates checked one by one before a vectorised scan of the whole vocabulary."""
 MAX_COMPLETION_TOKENS = 4096
 """A search that needs more tokens than this gives up (the reply is then cut as before)."""
 
@@ -34,37 +35,68 @@ class Closer:
     """Finds short completions for one tokenizer (its token ranking is computed once)."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer) -> None:
-        vocab = tokenizer.vocab_size
-        tiers = np.full(vocab, 4, dtype=np.int64)
-        within = np.zeros(vocab, dtype=np.int64)
-        small = {value: i for i, value in enumerate(_SMALL_VALUES)}
-        for token in range(vocab):
-            data = tokenizer.decode_bytes([token])
-            if not data:
-                continue  # special tokens: last resort only
-            if all(b in _CLOSERS for b in data) and data != b'""':
-                # A quote first: inside a string, ``}`` and ``]`` are only more text.
-                tiers[token], within[token] = (0 if data[0] == ord('"') else 1), -len(data)
-            elif data in small:
-                tiers[token], within[token] = 2, small[data]
-            else:
-                tiers[token], within[token] = 3, -len(data)
-        self.order = np.lexsort((np.arange(vocab), within, tiers))
-        self.top = [int(t) for t in self.order[:_TOP]]
-        self.vocab = vocab
+        # Rankings of the few hundred tokens worth preferring, found by tokenizing candidate texts
+        # (decoding a whole 262k vocabulary in Python would take seconds). Two of them: inside a
+        # string, where ``}`` and ``]`` are only more text so a closing quote comes first, and
+        # elsewhere, where a quote would open a string so it comes late.
+        inside: dict[int, tuple[int, int]] = {}
+        outside: dict[int, tuple[int, int]] = {}
+
+        def rank(text: bytes, key_inside: tuple[int, int], key_outside: tuple[int, int]) -> None:
+            tokens = tokenizer.tokenize_bytes(text)
+            if len(tokens) == 1:
+                token = int(tokens[0])
+                inside[token] = min(inside.get(token, key_inside), key_inside)
+                outside[token] = min(outside.get(token, key_outside), key_outside)
+
+        closers = [bytes(c) for n in range(1, 5) for c in itertools.product(b'"}]', repeat=n)]
+        for lead in (b"", b" "):
+            for core in closers:
+                if core == b'""':
+                    continue
+                within = -4 * len(core) + len(lead)  # most closing, then shortest
+                quoted = core[0] == ord('"')
+                rank(lead + core, (0 if quoted else 1, within), (3 if quoted else 0, within))
+            for i, core in enumerate(_SMALL_VALUES):
+                tier = 3 if core == b'"' else 2
+                rank(lead + core, (tier, i * 2 + len(lead)), (tier if tier == 3 else 1, i * 2 + len(lead)))
+            for char in range(0x20, 0x7F):  # single characters: short, unlikely to open anything new
+                rank(lead + bytes([char]), (4, len(lead)), (4, len(lead)))
+        self.tops = tuple([t for t, _ in sorted(table.items(), key=lambda kv: (kv[1], kv[0]))]
+                          for table in (inside, outside))
+        self.vocab = tokenizer.vocab_size
+        self._tokenizer = tokenizer
+        backslash = tokenizer.tokenize_bytes(b"\\")
+        self._backslash = int(backslash[0]) if len(backslash) == 1 else None
+        """Allowed only inside a JSON string (or free text): tells which ranking applies."""
 
     def pick(self, words: np.ndarray, excluded: Collection[int], limit: int) -> int | None:
         """The best allowed token in the bitmask ``words`` (int32 words), below ``limit``."""
-        for token in self.top:
+        b = self._backslash
+        which = 0 if b is not None and (int(words[b >> 5]) >> (b & 31)) & 1 else 1
+        for token in self.tops[which]:
             if token < limit and token not in excluded and (int(words[token >> 5]) >> (token & 31)) & 1:
                 return token
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab]
-        allowed = bits[self.order].astype(bool)
-        for index in np.flatnonzero(allowed):
-            token = int(self.order[index])
-            if token < limit and token not in excluded:
-                return token
+        # None of the preferred tokens fits (a pattern, a special marker...): any allowed one.
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: min(self.vocab, limit)]
+        for candidate in np.flatnonzero(bits).tolist():
+            if candidate not in excluded:
+                return int(candidate)
         return None
+
+    def _forced_bytes_token(self, matcher: llguidance.LLMatcher, words: np.ndarray, excluded: Collection[int],
+                            limit: int) -> int | None:
+        """The token that starts the bytes the grammar forces, when tokenization left them unforced (``>``
+        after ``</tool_call``, where ``><`` would also be allowed)."""
+        forced = matcher.compute_ff_bytes()
+        if not forced:
+            return None
+        tokens = self._tokenizer.tokenize_bytes(forced)
+        if not tokens:
+            return None
+        token = int(tokens[0])
+        allowed = token < limit and token not in excluded and (int(words[token >> 5]) >> (token & 31)) & 1
+        return token if allowed else None
 
     def complete(self, matcher: llguidance.LLMatcher, excluded: Collection[int], limit: int,
                  max_tokens: int = MAX_COMPLETION_TOKENS) -> list[int] | None:
@@ -86,7 +118,9 @@ class Closer:
                 path += forced
                 continue
             llg_numpy.fill_next_token_bitmask(m, bitmask)
-            picked = self.pick(bitmask[0], excluded, limit)
+            picked = self._forced_bytes_token(m, bitmask[0], excluded, limit)
+            if picked is None:
+                picked = self.pick(bitmask[0], excluded, limit)
             if picked is None or not m.consume_token(picked):
                 return None
             path.append(picked)
@@ -98,7 +132,7 @@ _closers_lock = threading.Lock()
 
 
 def closer_for(tokenizer: llguidance.LLTokenizer) -> Closer:
-    """The closer of ``tokenizer`` (built once per tokenizer; ~1 s for a 262k vocabulary)."""
+    """The closer of ``tokenizer`` (built once per tokenizer, in a few ms)."""
     key = id(tokenizer)
     with _closers_lock:
         entry = _closers.get(key)

@@ -60,7 +60,7 @@ def streamed(reply: Any, **kwargs: Any) -> tuple[str, list[list[str]], str | Non
 def test_every_budget_gives_a_valid_reply(reply: str) -> None:
     fmt = schema_format(PERSON)
     lengths = []
-    for max_tokens in range(73, 180, 9):  # 73: the shortest valid reply in bytes
+    for max_tokens in range(71, 180, 9):  # 71: the shortest valid reply in bytes
         response = create(reply, response_format=fmt, max_tokens=max_tokens)
         choice = response.choices[0]
         assert choice.finish_reason == "length"  # it was cut, and says so
@@ -81,8 +81,8 @@ def test_closing_uses_the_budget_it_has() -> None:
 
 def test_a_budget_below_the_shortest_reply_is_rejected_before_generation() -> None:
     calls: list[str] = []
-    with pytest.raises(InvalidRequestError, match="shortest valid one takes") as info:
-        create(lambda p: calls.append(p) or LOOPING_JSON, response_format=schema_format(PERSON), max_tokens=72)
+    with pytest.raises(InvalidRequestError, match="shortest valid one takes 71 tokens") as info:
+        create(lambda p: calls.append(p) or LOOPING_JSON, response_format=schema_format(PERSON), max_tokens=70)
     assert info.value.param == "max_tokens"
     assert calls == []  # nothing was generated
 
