@@ -29,11 +29,11 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from local_llm_kit import AsyncLLMClient, CompletionChunk, CompletionResponse, LLMClient
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from typing_extensions import Self
 
 from langchain_local_llm_kit.messages import ai_message_from_openai, to_openai_messages
+from local_llm_kit import AsyncLLMClient, CompletionChunk, CompletionResponse, LLMClient
 
 __all__ = ["ChatLocalLLMKit"]
 

@@ -31,6 +31,7 @@ from langchain_core.messages import (
 )
 from langchain_core.messages import convert_to_openai_messages as _lc_to_openai
 from langchain_core.messages.tool import ToolCall, invalid_tool_call, tool_call
+
 from local_llm_kit import LLMClient, Message
 from local_llm_kit.memory import ConversationMemory
 from local_llm_kit.request import normalize_messages

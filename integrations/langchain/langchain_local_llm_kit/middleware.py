@@ -19,9 +19,9 @@ from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from local_llm_kit import TokenLimitError
 
 from langchain_local_llm_kit.chat_models import ChatLocalLLMKit
+from local_llm_kit import TokenLimitError
 
 __all__ = ["ConversationMemoryMiddleware", "TrimReport", "split_turns"]
 

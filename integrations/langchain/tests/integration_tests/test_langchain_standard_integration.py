@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
+from langchain_local_llm_kit import ChatLocalLLMKit
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from langchain_local_llm_kit import ChatLocalLLMKit
-
 # The same load settings as the real_model fixture of conftest.py: one loaded model for all tests.
-REAL_MODEL: dict[str, Any] = {"model": "smollm2-135m-instruct", "backend": "llama.cpp", "context_length": 2048}
+REAL_MODEL: dict[str, Any] = {"model": "smollm2-135m-instruct", "backend": "llama.cpp", "context_length": 2048,
+                              "n_threads": 1}
 
 
 class TestChatLocalLLMKitStandardIntegration(ChatModelIntegrationTests):

@@ -12,10 +12,6 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_core.messages.utils import trim_messages
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from local_llm_kit import InvalidRequestError, LLMClient, TokenLimitError
-from local_llm_kit.testing import FakeBackend, fake_client
-from pydantic import BaseModel, ValidationError
-
 from langchain_local_llm_kit import (
     ChatLocalLLMKit,
     add_to_memory,
@@ -25,6 +21,10 @@ from langchain_local_llm_kit import (
     save_memory_file,
     to_openai_messages,
 )
+from pydantic import BaseModel, ValidationError
+
+from local_llm_kit import InvalidRequestError, LLMClient, TokenLimitError
+from local_llm_kit.testing import FakeBackend, fake_client
 
 
 def fake_model(reply: Any = "Hello there!", **kwargs: Any) -> ChatLocalLLMKit:
@@ -158,7 +158,7 @@ def test_timeout_stops_generation_and_retries() -> None:
         return "word " * 100
 
     model = fake_model(slow, temperature=0, timeout=0.1, max_retries=1)
-    with pytest.raises(TimeoutError, match="timeout=0.1"):
+    with pytest.raises(TimeoutError, match=r"timeout=0\.1"):
         model.invoke("Hi")
     # two attempts (one retry), each stopped well before the reply's 500 steps
     assert 2 <= len(calls) < 200

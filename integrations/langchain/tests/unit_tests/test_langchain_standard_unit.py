@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 from langchain_core.language_models import BaseChatModel
+from langchain_local_llm_kit import ChatLocalLLMKit
 from langchain_tests.unit_tests import ChatModelUnitTests
 from syrupy.assertion import SnapshotAssertion
-
-from langchain_local_llm_kit import ChatLocalLLMKit
 
 
 class TestChatLocalLLMKitStandardUnit(ChatModelUnitTests):
