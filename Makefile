@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench clean
+.PHONY: install demo test test-unit test-floors lint bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,27 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
+
+# The declared dependency floors, proven: a venv of its own where every direct dependency of the
+# package and of its transformers and server extras sits at the lowest version pyproject.toml
+# allows (uv's lowest-direct resolution), running the unit suite and the server's fake-model tests.
+# Not torch: torch==2.13.0 is the only CPU build here (any other spec pulls a multi-GB CUDA build)
+# and those tests need none; not llama-cpp-python either (minutes of compiling; its tests
+# importorskip it). The test tools then take whatever versions fit, moving no floor.
+FLOORS_VENV ?= build/venv-floors
+FLOORS_PY := $(FLOORS_VENV)/bin/python
+FLOORS_UV := $(FLOORS_VENV)/bin/uv --quiet pip
+
+test-floors:
+	rm -rf $(FLOORS_VENV)
+	python3 -m venv $(FLOORS_VENV)
+	$(FLOORS_PY) -m pip install --quiet uv
+	echo 'torch; sys_platform == "never"' > $(FLOORS_VENV)/without-torch.txt
+	$(FLOORS_UV) install --python $(FLOORS_PY) --resolution lowest-direct --overrides $(FLOORS_VENV)/without-torch.txt \
+		-e '.[transformers,server]'
+	$(FLOORS_UV) freeze --python $(FLOORS_PY) --exclude-editable > $(FLOORS_VENV)/floors.txt
+	$(FLOORS_UV) install --python $(FLOORS_PY) --constraints $(FLOORS_VENV)/floors.txt pytest pytest-asyncio openai mypy
+	LOCAL_LLM_KIT_DEPENDENCY_FLOORS=1 $(FLOORS_PY) -m pytest -q tests/unit tests/server/test_server_unit.py
 
 lint: install
 	$(VENV)/bin/ruff check local_llm_kit tests benchmarks integrations
