@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 import weakref
@@ -50,6 +51,7 @@ from local_llm_kit.errors import (
     InvalidRequestError,
     LocalLLMKitError,
     ModelNotFoundError,
+    TokenLimitError,
 )
 from local_llm_kit.request import ChatRequest, normalize_messages
 from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
@@ -86,10 +88,43 @@ class _Rejected(InvalidRequestError):
         super().__init__(message, param=param)
         self.code = code
 
-    @property
-    def context_overflow(self) -> bool:
-        text = str(self).lower()
-        return self.code == "context_length_exceeded" or "context length" in text or "context window" in text
+
+class _ContextOverflow(TokenLimitError):
+    """The server said the prompt (plus ``max_tokens``) does not fit its context.
+
+    The numbers are read from the server's message where it gives them (ours, vLLM's and
+    llama.cpp's do); a number the message does not give is 0.
+    """
+
+    def __init__(self, message: str, *, param: str | None) -> None:
+        numbers = _overflow_numbers(message)
+        super().__init__(message, prompt_tokens=numbers[0], max_tokens=numbers[1], context_length=numbers[2],
+                         param=param or "messages")
+
+
+_OVERFLOW_PATTERNS = (
+    # local-llm-kit: "the prompt is P tokens plus max_tokens=M, which exceeds the context length of C tokens"
+    (re.compile(r"prompt is (\d+) tokens(?: plus max_tokens=(\d+))?.*context length of (\d+)"), (1, 2, 3)),
+    # vLLM: "maximum context length is C tokens. However, you requested T tokens (P in the messages, M in ...)"
+    (re.compile(r"maximum context length is (\d+) tokens.*?\((\d+) in the messages, (\d+) in the completion"),
+     (2, 3, 1)),
+    # llama.cpp's server: "Requested tokens (P) exceed context window of C"
+    (re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"), (1, None, 2)),
+)
+
+
+def _overflow_numbers(message: str) -> tuple[int, int | None, int]:
+    for pattern, (prompt, asked, context) in _OVERFLOW_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            max_tokens = match.group(asked) if asked is not None else None
+            return int(match.group(prompt)), int(max_tokens) if max_tokens else None, int(match.group(context))
+    return 0, None, 0
+
+
+def _is_overflow(code: str | None, message: str) -> bool:
+    text = message.lower()
+    return code == "context_length_exceeded" or "context length" in text or "context window" in text
 
 
 def request_body(request: ChatRequest, model: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -359,6 +394,8 @@ def error_from_answer(status: int, data: Any, url: str, model: str | None) -> Lo
     code = error.get("code") if isinstance(error.get("code"), str) else None
     text = f"{url} answered {status}: {message}"
     if status in (400, 422):
+        if _is_overflow(code, message):
+            return _ContextOverflow(text, param=param)
         return _Rejected(text, param=param, code=code)
     if status == 413:
         return _Rejected(text, param=param or "messages", code=code)
@@ -574,7 +611,7 @@ class _RemoteMixin:
 
 
 def _overflowed(exc: Exception, more: bool) -> bool:
-    return more and isinstance(exc, _Rejected) and exc.context_overflow
+    return more and isinstance(exc, _ContextOverflow)
 
 
 class RemoteCompletions(_RemoteMixin, Completions):
@@ -596,7 +633,7 @@ class RemoteCompletions(_RemoteMixin, Completions):
                 else:
                     data = self._endpoint.request("POST", self._endpoint.base_url + "/chat/completions", body,
                                                   timeout=call.timeout, headers=call.headers, params=call.params)
-            except _Rejected as exc:
+            except InvalidRequestError as exc:
                 if _overflowed(exc, i + 1 < len(bodies)):
                     continue
                 raise
@@ -634,7 +671,7 @@ class AsyncRemoteCompletions(_RemoteMixin, AsyncCompletions):
                 else:
                     data = await self._endpoint.arequest(body, timeout=call.timeout, headers=call.headers,
                                                          params=call.params)
-            except _Rejected as exc:
+            except InvalidRequestError as exc:
                 if _overflowed(exc, i + 1 < len(bodies)):
                     continue
                 raise

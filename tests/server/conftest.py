@@ -60,7 +60,8 @@ def running_server(models: AsyncLLMClient | Sequence[AsyncLLMClient], *, api_key
 def smol_server(cache_dir: Path) -> Iterator[RunningServer]:
     """The embedded SmolLM2 on llama.cpp, served for the whole session (greedy by default)."""
     pytest.importorskip("llama_cpp")
-    client = AsyncLLMClient("smollm2-135m-instruct", backend="llama.cpp", temperature=0, cache_dir=cache_dir)
+    client = AsyncLLMClient("smollm2-135m-instruct", backend="llama.cpp", temperature=0, cache_dir=cache_dir,
+                            n_threads=1)
     _ = client.engine
     with running_server(client, api_key="test-key", limits=ServerLimits(max_queue=64)) as server:
         yield server

@@ -37,7 +37,8 @@ def test_completion_matches_in_process(client: openai.OpenAI, cache_dir: Path) -
     from local_llm_kit import LLMClient
 
     served = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=24, temperature=0)
-    local = LLMClient(MODEL, temperature=0, cache_dir=cache_dir).chat.completions.create(messages=Q, max_tokens=24)
+    local = LLMClient(MODEL, temperature=0, cache_dir=cache_dir, n_threads=1).chat.completions.create(
+        messages=Q, max_tokens=24)
     assert served.choices[0].message.content == local.choices[0].message.content
     assert served.usage is not None and served.usage.prompt_tokens == local.usage.prompt_tokens
     assert served.model == MODEL and served.choices[0].finish_reason in ("stop", "length")
