@@ -280,3 +280,9 @@ def test_tokenizer_fn_is_the_models() -> None:
 def test_responses_are_llama_index_types() -> None:
     assert isinstance(make_llm().chat([user("x")]), ChatResponse)
     assert asyncio.iscoroutinefunction(LocalLLMKit.achat)
+
+
+def test_fields_configure_the_client_without_loading() -> None:
+    llm = LocalLLMKit(context_length=512, max_tokens=100, temperature=0)
+    assert llm.metadata.context_window == 512 and llm.metadata.num_output == 100
+    assert llm.client.settings.context_length == 512

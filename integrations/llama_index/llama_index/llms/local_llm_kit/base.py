@@ -49,8 +49,10 @@ __all__ = ["LocalLLMKit"]
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
 
-# Set by LlamaIndex's tool helpers, never create() parameters of their own.
 _TOOL_CHOICES = ("auto", "none", "required")
+# LocalLLMKit fields that are LLMClient settings (given to the client it creates).
+_CLIENT_SETTINGS = ("model_path", "backend", "context_length", "cache_dir", "n_threads", "dtype", "device",
+                    "base_url", "api_key", "timeout", "max_retries")
 
 
 class LocalLLMKit(FunctionCallingLLM):
@@ -75,6 +77,10 @@ class LocalLLMKit(FunctionCallingLLM):
     n_threads: int | None = Field(default=None, description="CPU threads of the engine.")
     dtype: str | None = Field(default=None, description="transformers backend dtype.")
     device: str | None = Field(default=None, description="transformers backend device.")
+    base_url: str | None = Field(default=None, description="backend='openai': the server's URL up to /v1.")
+    api_key: str | None = Field(default=None, exclude=True, repr=False, description="backend='openai': bearer key.")
+    timeout: float | None = Field(default=None, description="backend='openai': seconds per request.")
+    max_retries: int | None = Field(default=None, description="backend='openai': retries of a failed request.")
     additional_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="More create() parameters for every call (seed, stop, ...).")
 
@@ -85,8 +91,7 @@ class LocalLLMKit(FunctionCallingLLM):
                  async_client: AsyncLLMClient | None = None, **kwargs: Any) -> None:
         given = client or async_client
         if given is not None:
-            clashing = sorted(k for k in ("model_path", "backend", "context_length", "cache_dir", "n_threads",
-                                          "dtype", "device") if kwargs.get(k) is not None)
+            clashing = sorted(k for k in _CLIENT_SETTINGS if kwargs.get(k) is not None)
             if model is not None or clashing:
                 name = "model" if model is not None else clashing[0]
                 raise InvalidRequestError(f"{name} cannot be combined with client=: the client's settings apply",
@@ -104,8 +109,7 @@ class LocalLLMKit(FunctionCallingLLM):
 
     # -- the client ---------------------------------------------------------------------
     def _settings_kwargs(self) -> dict[str, Any]:
-        names = ("model_path", "backend", "context_length", "cache_dir", "n_threads", "dtype", "device")
-        kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        kwargs = {name: getattr(self, name) for name in _CLIENT_SETTINGS if getattr(self, name) is not None}
         return {"model": self.model, **kwargs}
 
     @property
@@ -130,10 +134,13 @@ class LocalLLMKit(FunctionCallingLLM):
         source = self._client or self._async_client
         assert source is not None
         s = source.settings
+        common = {"backend": s.backend, "context_length": s.context_length, "temperature": s.temperature,
+                  "top_p": s.top_p}
+        if s.base_url is not None:  # a remote client: same server and model (pass both clients for a custom timeout)
+            return cls(source.model, base_url=s.base_url, api_key=s.api_key, **common)
         resolved = source.resolved_model
-        return cls(resolved.name, model_path=str(resolved.path), backend=s.backend, context_length=s.context_length,
-                   temperature=s.temperature, top_p=s.top_p, cache_dir=s.cache_dir, n_threads=s.n_threads,
-                   dtype=s.dtype, device=s.device)
+        return cls(resolved.name, model_path=str(resolved.path), cache_dir=s.cache_dir, n_threads=s.n_threads,
+                   dtype=s.dtype, device=s.device, **common)
 
     def _checked(self, client: LLMClient | AsyncLLMClient) -> Any:
         if client.memory_enabled:
@@ -144,7 +151,11 @@ class LocalLLMKit(FunctionCallingLLM):
 
     @property
     def tokenizer_fn(self) -> Callable[[str], list[int]]:
-        """Text -> the model's token ids (for ``Settings.tokenizer`` or ``Memory.from_defaults``)."""
+        """Text -> the model's token ids (for ``Settings.tokenizer`` or ``Memory.from_defaults``).
+
+        In-process backends only: with ``backend="openai"`` the server owns the tokenizer (calling
+        the function raises); ``LocalLLMKitMemory`` still counts exactly there, through the client.
+        """
         client = self.client
 
         def tokenize(text: str) -> list[int]:
@@ -156,12 +167,10 @@ class LocalLLMKit(FunctionCallingLLM):
     @property
     def metadata(self) -> LLMMetadata:
         client = self._client or self._async_client or self.client
-        # The loaded engine's context when there is one; the configured one (the same) otherwise,
-        # so reading metadata does not load the model.
-        engine = getattr(client, "_engine", None)
-        context_window = engine.n_ctx if engine is not None else client.settings.context_length
-        return LLMMetadata(context_window=context_window, num_output=self.max_tokens, is_chat_model=True,
-                           is_function_calling_model=True, model_name=client.model,
+        # The configured context is the engine's (llama.cpp's rounding up is not used): reading
+        # metadata does not load the model.
+        return LLMMetadata(context_window=client.settings.context_length, num_output=self.max_tokens,
+                           is_chat_model=True, is_function_calling_model=True, model_name=client.model,
                            system_role=MessageRole.SYSTEM)
 
     # -- request parameters -------------------------------------------------------------------
