@@ -34,13 +34,15 @@ def test_langchain_chat_openai(smol_server: RunningServer) -> None:
     streamed = "".join(str(chunk.content) for chunk in llm.stream("List three fruits."))
     assert streamed == reply.content
 
-    called = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    roomy = langchain_openai.ChatOpenAI(model=MODEL, base_url=smol_server.base_url, api_key="test-key",
+                                        temperature=0, max_tokens=200, max_retries=0)
+    called = roomy.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
     assert called.tool_calls and called.tool_calls[0]["name"] == "get_weather"
     assert isinstance(called.tool_calls[0]["args"]["city"], str)
 
-    person = llm.with_structured_output(Person).invoke("Invent a person with a name and an age.")
+    person = roomy.with_structured_output(Person).invoke("Invent a person with a name and an age.")
     assert isinstance(person, Person)
-    raw = llm.with_structured_output(Person, method="json_mode").invoke(
+    raw = roomy.with_structured_output(Person, method="json_mode").invoke(
         "Invent a person. Answer in JSON with keys name and age.")
     assert isinstance(raw, (Person, dict))
 
@@ -52,6 +54,9 @@ def test_llama_index_openai_like(smol_server: RunningServer) -> None:
     llm = openai_like.OpenAILike(model=MODEL, api_base=smol_server.base_url, api_key="test-key",
                                  is_chat_model=True, is_function_calling_model=True, context_window=2048,
                                  temperature=0, max_tokens=24, max_retries=0)
+    roomy = openai_like.OpenAILike(model=MODEL, api_base=smol_server.base_url, api_key="test-key",
+                                   is_chat_model=True, is_function_calling_model=True, context_window=2048,
+                                   temperature=0, max_tokens=200, max_retries=0)
     reply = llm.chat([ChatMessage(role="user", content="List three fruits.")])
     assert reply.message.content
     streamed = "".join(r.delta or "" for r in llm.stream_chat([ChatMessage(role="user", content="List three fruits.")]))
@@ -61,9 +66,9 @@ def test_llama_index_openai_like(smol_server: RunningServer) -> None:
     from llama_index.core.tools import FunctionTool
 
     tool = FunctionTool.from_defaults(fn=get_weather)
-    response = llm.chat_with_tools([tool], user_msg="What is the weather in Paris?", tool_required=True)
-    calls = llm.get_tool_calls_from_response(response, error_on_no_tool_call=True)
+    response = roomy.chat_with_tools([tool], user_msg="What is the weather in Paris?", tool_required=True)
+    calls = roomy.get_tool_calls_from_response(response, error_on_no_tool_call=True)
     assert calls[0].tool_name == "get_weather" and isinstance(calls[0].tool_kwargs["city"], str)
 
-    person = llm.as_structured_llm(Person).complete("Invent a person with a name and an age.")
+    person = roomy.as_structured_llm(Person).complete("Invent a person with a name and an age.")
     assert isinstance(json.loads(person.text), dict)
