@@ -200,6 +200,8 @@ class _BaseClient:
             self._remote.close()
 
     def _engine_for(self, model: str | None) -> Engine:
+        if model is not None and not isinstance(model, str):  # checked here: it picks the weights
+            raise InvalidRequestError(f"model must be a string, got {model!r}", param="model")
         if model is None or model in (self._explicit_model, self.resolved_model.name):
             return self.engine
         other = resolve_model(model, self.settings.model_path, self.settings.cache_dir, default=DEFAULT_MODEL)

@@ -65,7 +65,11 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
+        # Shifted before dividing: with a tiny temperature (1e-308) unshifted logits overflow to
+        # inf, and inf - inf below is NaN; shifted ones only reach -inf, which exp() maps to 0.
+        shifted = logits.astype(np.float64)
+        with np.errstate(over="ignore"):
+            scaled = (shifted - np.max(shifted)) / p.temperature
         k = min(_TOP_CANDIDATES, scaled.shape[0])
         candidates = np.argpartition(-scaled, k - 1)[:k] if k < scaled.shape[0] else np.arange(k)
         probs = np.exp(scaled - np.max(scaled))

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -73,6 +74,8 @@ FORMAT_VERSION = 1
 """Bump when the entry layout changes: entries with another version are rebuilt."""
 _GGUF_MAGIC = b"GGUF"
 _HASH_CHUNK = 1 << 22
+# Errors of writing the cache (full disk, quota, read-only filesystem), reported as such.
+_CACHE_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
 
 
@@ -162,7 +165,12 @@ def _convert(gguf_path: Path, entry: Path, sha256: str) -> None:
     _remove_stale_temporaries(entry)
     tmp = entry.with_name(_temporary_name(entry, os.getpid()))
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:  # a read-only cache: say so, rather than a bare PermissionError
+        raise ModelLoadError(
+            f"cannot convert {gguf_path.name} for transformers: the cache {entry.parent} is not writable ({exc}); "
+            "point cache_dir or LOCAL_LLM_KIT_CACHE_DIR at a writable folder") from exc
     logger.info("converting %s for transformers into %s (once)", gguf_path, entry)
     started = time.perf_counter()
     try:
@@ -171,6 +179,11 @@ def _convert(gguf_path: Path, entry: Path, sha256: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written entry behind
         if not isinstance(exc, Exception) or isinstance(exc, MemoryError):
             raise  # cancellation, interrupt, exit: not a property of the file
+        if isinstance(exc, OSError) and exc.errno in _CACHE_WRITE_ERRNOS:  # the disk, not the file
+            raise ModelLoadError(
+                f"cannot convert {gguf_path.name} for transformers: writing the converted model into "
+                f"{entry.parent} failed ({exc}); free disk space or point cache_dir or "
+                "LOCAL_LLM_KIT_CACHE_DIR at a writable folder with room") from exc
         raise ModelLoadError(f"transformers could not load the GGUF file {gguf_path}: {exc}") from exc
     try:
         os.rename(tmp, entry)
