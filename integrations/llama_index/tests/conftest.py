@@ -65,10 +65,10 @@ def llama_cpp_llm(llk_cache_dir: str) -> LocalLLMKit:
 
     One thread: on a shared machine llama.cpp's spinning workers collapse when cores are busy.
     """
-    return loaded(LocalLLMKit(backend="llama.cpp", temperature=0, max_tokens=32, n_threads=1,
+    return loaded(LocalLLMKit(backend="llama.cpp", temperature=0, max_tokens=40, n_threads=1,
                               cache_dir=llk_cache_dir))
 
 
 @pytest.fixture(scope="session")
 def transformers_llm(llk_cache_dir: str) -> LocalLLMKit:
-    return loaded(LocalLLMKit(backend="transformers", temperature=0, max_tokens=24, cache_dir=llk_cache_dir))
+    return loaded(LocalLLMKit(backend="transformers", temperature=0, max_tokens=40, cache_dir=llk_cache_dir))
