@@ -86,10 +86,12 @@ def _settings(prepared: PreparedChat, choice_index: int) -> GenerationSettings:
     )
 
 
-def _run(engine: Engine, prepared: PreparedChat, index: int,
+def _run(engine: Engine, prepared: PreparedChat, index: int, ticket: Ticket,
          cancel: threading.Event | None) -> Iterator[TextPiece | Finished]:
-    return generate(engine.backend, prepared.prompt, _settings(prepared, index),
-                    constraint=prepared.output.constraint(), cancel=cancel)
+    # The KV-cache slot is chosen at the first step, under the step lock (a generator body).
+    backend = engine.slot_backend(prepared.prompt, ticket)
+    yield from generate(backend, prepared.prompt, _settings(prepared, index),
+                        constraint=prepared.output.constraint(), cancel=cancel)
 
 
 def _new_id() -> str:
@@ -108,7 +110,7 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
                 texts: list[str] = []
                 logprobs: list[TokenLogprob] = []
                 finished: Finished | None = None
-                for event in _run(engine, prepared, index, cancel):
+                for event in _run(engine, prepared, index, ticket, cancel):
                     if isinstance(event, TextPiece):
                         texts.append(event.text)
                         logprobs.extend(event.logprobs or ())
@@ -176,7 +178,7 @@ def stream(engine: Engine, prepared: PreparedChat,
             shaper = prepared.output.stream_shaper()
             yield chunk(index, Delta(role="assistant", content=""))
             texts: list[str] = []
-            for event in _stepped(ticket, _run(engine, prepared, index, cancel)):
+            for event in _stepped(ticket, _run(engine, prepared, index, ticket, cancel)):
                 if isinstance(event, TextPiece):
                     texts.append(event.text)
                     deltas = shaper.feed(event.text)

@@ -119,11 +119,18 @@ class _BaseClient:
         api_key: str | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
+        kv_slots: int | None = None,
+        n_gpu_layers: int | None = None,
+        flash_attn: bool | None = None,
+        main_gpu: int | None = None,
+        tensor_split: Sequence[float] | None = None,
     ) -> None:
         self.settings: Settings = resolve_settings(
             model=model, model_path=model_path, backend=backend, context_length=context_length,
             temperature=temperature, top_p=top_p, cache_dir=cache_dir, n_threads=n_threads,
-            dtype=dtype, device=device, base_url=base_url, api_key=api_key,
+            dtype=dtype, device=device, base_url=base_url, api_key=api_key, kv_slots=kv_slots,
+            n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, main_gpu=main_gpu,
+            tensor_split=tensor_split,
         )
         self._explicit_model = model
         self._resolved: ResolvedModel | None = None
@@ -149,7 +156,8 @@ class _BaseClient:
     def options(self) -> BackendOptions:
         s = self.settings
         return BackendOptions(n_ctx=s.context_length, cache_dir=s.cache_dir, n_threads=s.n_threads,
-                              dtype=s.dtype, device=s.device)
+                              dtype=s.dtype, device=s.device, kv_slots=s.kv_slots, n_gpu_layers=s.n_gpu_layers,
+                              flash_attn=s.flash_attn, main_gpu=s.main_gpu, tensor_split=s.tensor_split)
 
     @property
     def model(self) -> str:
@@ -527,6 +535,10 @@ class LLMClient(_BaseClient):
         OpenAI-compatible server at ``base_url`` (vLLM, llama.cpp's server, ``local-llm-kit serve``...),
         with ``api_key`` (default ``LOCAL_LLM_KIT_API_KEY``), ``timeout`` (s, default 600) and
         ``max_retries`` (default 2; only where safe, see :mod:`local_llm_kit.remote`).
+    :param kv_slots: conversations whose KV cache a loaded model keeps at once (default: up to 4,
+        as many as fit 1 GiB at this context length; see :mod:`local_llm_kit.slots`).
+    :param n_gpu_layers: llama.cpp: layers to offload to the GPU (-1: all); with ``flash_attn``,
+        ``main_gpu`` and ``tensor_split``, needs llama-cpp-python built with GPU support.
 
     Weights load on first use or on :meth:`load`.
     """

@@ -12,7 +12,18 @@
                                    (e.g. ``http://127.0.0.1:8000/v1``)
 ``LOCAL_LLM_KIT_API_KEY``          the key sent to that server, and the key
                                    ``local-llm-kit serve`` requires
+``LOCAL_LLM_KIT_N_GPU_LAYERS``     llama.cpp: layers to offload to the GPU (-1: all)
+``LOCAL_LLM_KIT_KV_SLOTS``         cached conversations kept per loaded model
+                                   (default: chosen from the model's KV size)
 =================================  ===================================================
+
+Load options of the in-process backends (arguments of ``LLMClient``; part of the key under
+which clients share a loaded model):
+
+* both: ``kv_slots`` (see :func:`check_kv_slots`);
+* llama.cpp only: ``n_gpu_layers``, ``flash_attn``, ``main_gpu``, ``tensor_split``. Passing one
+  to another backend raises; passing a GPU option to a llama-cpp-python built without GPU
+  support raises when the model loads (see :mod:`local_llm_kit.backends.llama_cpp`).
 
 A malformed environment value raises :class:`~local_llm_kit.errors.InvalidRequestError`
 naming the variable, rather than being ignored.
@@ -21,7 +32,7 @@ naming the variable, rather than being ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +71,51 @@ class Settings:
     """``backend="openai"`` only: the server's URL, up to and including ``/v1``."""
     api_key: str | None = field(default=None, repr=False)
     """``backend="openai"`` only: sent as ``Authorization: Bearer``; never shown in reprs."""
+    kv_slots: int | None = None
+    """Cached conversations (KV-cache slots) per loaded model; None: chosen from the KV size."""
+    n_gpu_layers: int | None = None
+    """llama.cpp only: layers offloaded to the GPU (-1: all); None: none (CPU)."""
+    flash_attn: bool | None = None
+    """llama.cpp only: flash attention; None: llama.cpp's default for this client (off)."""
+    main_gpu: int | None = None
+    """llama.cpp only: the GPU that holds the whole model or its small tensors."""
+    tensor_split: tuple[float, ...] | None = None
+    """llama.cpp only: the share of the model each GPU holds."""
+
+
+MAX_KV_SLOTS = 64
+LLAMA_CPP_ONLY_OPTIONS = ("n_gpu_layers", "flash_attn", "main_gpu", "tensor_split")
+
+
+def check_kv_slots(value: object, *, param: str = "kv_slots") -> int:
+    """A number of KV-cache slots: an integer from 1 to :data:`MAX_KV_SLOTS`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KV_SLOTS:
+        raise InvalidRequestError(f"{param} must be an integer from 1 to {MAX_KV_SLOTS}, got {value!r}",
+                                  param=param)
+    return value
+
+
+def check_gpu_options(n_gpu_layers: object, flash_attn: object, main_gpu: object,
+                      tensor_split: object) -> tuple[int | None, bool | None, int | None, tuple[float, ...] | None]:
+    """The llama.cpp GPU options, type-checked (whether the build has a GPU is checked at load)."""
+    if n_gpu_layers is not None and (isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int)
+                                     or n_gpu_layers < -1):
+        raise InvalidRequestError(f"n_gpu_layers must be an integer >= -1 (-1 offloads every layer), "
+                                  f"got {n_gpu_layers!r}", param="n_gpu_layers")
+    if flash_attn is not None and not isinstance(flash_attn, bool):
+        raise InvalidRequestError(f"flash_attn must be True or False, got {flash_attn!r}", param="flash_attn")
+    if main_gpu is not None and (isinstance(main_gpu, bool) or not isinstance(main_gpu, int) or main_gpu < 0):
+        raise InvalidRequestError(f"main_gpu must be a GPU index >= 0, got {main_gpu!r}", param="main_gpu")
+    split: tuple[float, ...] | None = None
+    if tensor_split is not None:
+        if isinstance(tensor_split, (str, bytes)) or not isinstance(tensor_split, (list, tuple)) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in tensor_split) \
+                or not any(tensor_split):
+            raise InvalidRequestError(
+                f"tensor_split must be a list of non-negative numbers, one per GPU, not all zero "
+                f"(e.g. [3, 1]), got {tensor_split!r}", param="tensor_split")
+        split = tuple(float(x) for x in tensor_split)
+    return n_gpu_layers, flash_attn, main_gpu, split
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -101,6 +157,11 @@ def resolve_settings(
     base_url: str | None = None,
     api_key: str | None = None,
     environ: Mapping[str, str] | None = None,
+    kv_slots: int | None = None,
+    n_gpu_layers: int | None = None,
+    flash_attn: bool | None = None,
+    main_gpu: int | None = None,
+    tensor_split: Sequence[float] | None = None,
 ) -> Settings:
     """Combine arguments, environment and defaults into validated :class:`Settings`."""
     env = os.environ if environ is None else environ
@@ -161,6 +222,31 @@ def resolve_settings(
         raise InvalidRequestError(f"{name} only applies to backend='openai' (an OpenAI-compatible server); "
                                   f"the {resolved_backend} backend runs in-process", param=name)
 
+    if kv_slots is not None:
+        kv_slots = check_kv_slots(kv_slots)
+    elif (env_slots := _env(env, "KV_SLOTS")) is not None:
+        kv_slots = check_kv_slots(int(env_slots) if env_slots.isdigit() else env_slots,
+                                  param=ENV_PREFIX + "KV_SLOTS")
+    if n_gpu_layers is None and (env_layers := _env(env, "N_GPU_LAYERS")) is not None:
+        try:
+            n_gpu_layers = int(env_layers)
+        except ValueError:
+            raise InvalidRequestError(f"{ENV_PREFIX}N_GPU_LAYERS must be an integer >= -1, got {env_layers!r}",
+                                      param=ENV_PREFIX + "N_GPU_LAYERS") from None
+    n_gpu_layers, flash_attn, main_gpu, split = check_gpu_options(n_gpu_layers, flash_attn, main_gpu, tensor_split)
+    if resolved_backend != "llama.cpp":
+        given = {"n_gpu_layers": n_gpu_layers, "flash_attn": flash_attn, "main_gpu": main_gpu,
+                 "tensor_split": split}
+        for name in LLAMA_CPP_ONLY_OPTIONS:
+            if given[name] is not None:
+                hint = ("; transformers places the model with device= (e.g. device='cuda')"
+                        if resolved_backend == "transformers" else "; the server decides where its model runs")
+                raise InvalidRequestError(f"{name} only applies to the llama.cpp backend, not {resolved_backend}"
+                                          f"{hint}", param=name)
+    if resolved_backend == REMOTE_BACKEND and kv_slots is not None:
+        raise InvalidRequestError("kv_slots applies to in-process backends; the server manages its own cache",
+                                  param="kv_slots")
+
     return Settings(
         model=model or DEFAULT_MODEL,
         model_path=resolved_path,
@@ -174,4 +260,9 @@ def resolve_settings(
         device=device,
         base_url=resolved_url.rstrip("/") if resolved_backend == REMOTE_BACKEND and resolved_url else None,
         api_key=resolved_key if resolved_backend == REMOTE_BACKEND else None,
+        kv_slots=kv_slots,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        main_gpu=main_gpu,
+        tensor_split=split,
     )

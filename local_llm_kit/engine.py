@@ -11,13 +11,15 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from local_llm_kit.backends import Backend, BackendOptions, create_backend
+from local_llm_kit.backends.base import SlotView
 from local_llm_kit.errors import TemplateError
-from local_llm_kit.lease import ModelLease
+from local_llm_kit.lease import ModelLease, Ticket
 from local_llm_kit.models import ResolvedModel
+from local_llm_kit.slots import SlotTable
 from local_llm_kit.templates import ChatTemplate
 
 __all__ = ["Engine", "detach", "get_engine", "loaded_engines", "unload_all"]
@@ -26,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 # Recent replies whose generated token ids are kept for re-use in the next prompts.
 _REMEMBERED_GENERATIONS = 64
+# Tokenized segments of recent prompts (see Engine._tokenize): a turn is tokenized once.
+_SEGMENT_MEMO = 4096
+# Segmented tokenizations checked against a whole one before the engine trusts segmenting.
+_SEGMENT_CHECKS = 8
 
 
 class Engine:
@@ -34,9 +40,14 @@ class Engine:
         self.backend_name = backend_name
         self.backend = backend
         self.lease = ModelLease()
+        self.slots = SlotTable(backend.n_slots)
         self._users = 0  # open clients that hold this engine (see attach/detach)
         self._generated: OrderedDict[str, list[int]] = OrderedDict()
         self._generated_lock = threading.Lock()
+        self._segments: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._segments_lock = threading.Lock()
+        self._segment_checks = _SEGMENT_CHECKS
+        self._boundaries = self._segment_boundaries()
         info = backend.info
         self.template = ChatTemplate.for_model(
             info.chat_template, info.architecture, bos_token=info.bos_token, eos_token=info.eos_token
@@ -51,6 +62,17 @@ class Engine:
     @property
     def fingerprint(self) -> str:
         return f"llk-{self.backend_name}-{self.model.path.name}"
+
+    def slot_backend(self, prompt: Sequence[int], ticket: Ticket | None) -> Backend:
+        """The backend bound to the KV-cache slot ``prompt`` should use (see :mod:`local_llm_kit.slots`).
+
+        Call it under the lease's step lock: it reads what every slot holds.
+        """
+        backend = self.backend
+        cached = [backend.slot_tokens(i) for i in range(backend.n_slots)]
+        index = self.slots.choose(prompt, cached, ticket)
+        logger.debug("slot %d of %d for a %d-token prompt", index, backend.n_slots, len(prompt))
+        return SlotView(backend, index)
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> str:
@@ -70,17 +92,92 @@ class Engine:
                          if m.get("role") == "assistant" and isinstance(m.get("content"), str)
                          and m["content"] in self._generated}
         if not generated:
-            return self.backend.tokenize(text)
+            return self._tokenize(text)
         pieces = self._split_at_replies(messages, generated, text, tools, add_generation_prompt)
         if pieces is None:
-            return self.backend.tokenize(text)
+            return self._tokenize(text)
         ids: list[int] = []
         for piece, index in zip(pieces, [*sorted(generated), None], strict=True):
             if piece:
-                ids.extend(self.backend.tokenize(piece))
+                ids.extend(self._tokenize(piece))
             if index is not None:
                 ids.extend(generated[index])
         return ids
+
+    # -- incremental tokenization -------------------------------------------------------------
+    def _segment_boundaries(self) -> tuple[str, ...]:
+        """Texts of the end-of-turn special tokens, before which a prompt may be cut (see :meth:`_tokenize`).
+
+        Only tokens the tokenizer reads back as themselves qualify: their markup in a text is
+        parsed as the one special token, which is what makes the cut exact.
+        """
+        backend = self.backend
+        found: list[str] = []
+        for token in sorted(backend.info.eos_token_ids):
+            try:
+                text = backend.token_bytes(token).decode("utf-8")
+                if len(text) > 1 and backend.tokenize(text) == [token]:
+                    found.append(text)
+            except (UnicodeDecodeError, IndexError, ValueError):
+                continue
+        return tuple(found)
+
+    def _split_segments(self, text: str) -> list[str]:
+        """``text`` cut right before every end-of-turn special token (one segment per turn)."""
+        cuts = sorted({i for marker in self._boundaries for i in _find_all(text, marker) if i > 0})
+        if not cuts:
+            return [text]
+        return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+    def _tokenize(self, text: str) -> list[int]:
+        """``backend.tokenize(text)``, re-using the tokens of segments seen in earlier prompts.
+
+        Tokenizers (llama.cpp's and Hugging Face's) split a text at special tokens before
+        anything else and tokenize the pieces independently, so the text cut right before an
+        end-of-turn token tokenizes to the concatenation of its segments' tokens. Each turn of a
+        conversation is then tokenized once, when it is new; later requests with the same
+        history only look its segments up, so the cost of a request follows its new tokens, not
+        the history. The first few segmented results are checked against a whole tokenization
+        of the same text; a tokenizer for which they differ (one that strips whitespace around
+        special tokens, say) is always tokenized whole from then on.
+        """
+        segments = self._split_segments(text) if self._boundaries else [text]
+        ids: list[int] = []
+        misses: list[tuple[int, str]] = []
+        with self._segments_lock:
+            found: list[tuple[int, ...] | None] = []
+            for segment in segments:
+                cached = self._segments.get(segment)
+                if cached is not None:
+                    self._segments.move_to_end(segment)
+                found.append(cached)
+        for i, (segment, cached) in enumerate(zip(segments, found, strict=True)):
+            if cached is None:
+                cached = tuple(self.backend.tokenize(segment))
+                misses.append((i, segment))
+                found[i] = cached
+            ids.extend(cached)
+        if misses:
+            with self._segments_lock:
+                for i, segment in misses:
+                    self._segments[segment] = found[i]  # type: ignore[assignment]
+                while len(self._segments) > _SEGMENT_MEMO:
+                    self._segments.popitem(last=False)
+        if len(segments) > 1 and self._segment_checks > 0:
+            self._check_segmented(text, ids)
+        return ids
+
+    def _check_segmented(self, text: str, ids: list[int]) -> None:
+        whole = self.backend.tokenize(text)
+        with self._segments_lock:
+            self._segment_checks -= 1
+            if whole != ids:
+                logger.warning("%s: tokenizing a prompt turn by turn gave other ids than tokenizing it whole; "
+                               "tokenizing whole from now on", self.model.name)
+                self._boundaries = ()
+                self._segment_checks = 0
+        if whole != ids:
+            ids[:] = whole
 
     def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], generated: Mapping[int, list[int]],
                           text: str, tools: Sequence[Mapping[str, Any]] | None,
@@ -130,6 +227,13 @@ class Engine:
         """Unload the model: waits for the step in progress; later steps raise ModelUnloadedError."""
         if not self.lease.closed:
             self.lease.close(self.backend.close)
+
+
+def _find_all(text: str, marker: str) -> Iterator[int]:
+    start = text.find(marker)
+    while start >= 0:
+        yield start
+        start = text.find(marker, start + len(marker))
 
 
 _engines: dict[tuple[str, str, BackendOptions], Engine] = {}

@@ -53,14 +53,15 @@ class FakeBackend(Backend):
     sampling at any temperature still produces the script while penalties and biases can move it.
     ``delay_s`` makes each forward pass take that long, for tests of streaming, cancellation and
     concurrency; two forward passes running at once (a broken lock) raise ``RuntimeError``.
+    ``kv_slots`` is how many sequences its "KV cache" keeps (see :mod:`local_llm_kit.slots`).
     """
 
     name = "fake"
     END_OF_TURN = 256 + SPECIAL_TOKENS.index("<|im_end|>")
 
     def __init__(self, reply: Reply = "Hello!", *, n_ctx: int = 2048, chat_template: str | None = CHATML_TEMPLATE,
-                 architecture: str = "fake", delay_s: float = 0.0) -> None:
-        super().__init__()
+                 architecture: str = "fake", delay_s: float = 0.0, kv_slots: int = 1) -> None:
+        super().__init__(kv_slots)
         self.reply = reply
         self.delay_s = delay_s
         self._in_forward = threading.Lock()

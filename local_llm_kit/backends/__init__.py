@@ -34,6 +34,17 @@ class BackendOptions:
     """transformers only: torch dtype name; None picks the backend's default."""
     device: str | None = None
     """transformers only: torch device; None picks cuda, then mps, then cpu."""
+    kv_slots: int | None = None
+    """Cached sequences (KV-cache slots) kept at once; None picks from the model's KV size
+    (see :func:`local_llm_kit.backends.base.default_kv_slots`)."""
+    n_gpu_layers: int | None = None
+    """llama.cpp only: layers offloaded to the GPU (-1: all); None: 0."""
+    flash_attn: bool | None = None
+    """llama.cpp only: flash attention; None: off."""
+    main_gpu: int | None = None
+    """llama.cpp only: the GPU for the whole model (split mode none) or its small tensors."""
+    tensor_split: tuple[float, ...] | None = None
+    """llama.cpp only: the proportion of the model each GPU holds."""
 
 
 def create_backend(name: str, path: str, options: BackendOptions) -> Backend:
@@ -51,4 +62,4 @@ def create_backend(name: str, path: str, options: BackendOptions) -> Backend:
             f"install them with: pip install 'local-llm-kit[{extra}]'"
         ) from exc
     backend_class: type[Backend] = getattr(module, class_name)
-    return backend_class(path, options)  # type: ignore[call-arg]
+    return backend_class(path, options)  # type: ignore[call-arg,arg-type]

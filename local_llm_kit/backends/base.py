@@ -8,6 +8,14 @@ else (prefix reuse, sampling, constraints, stop strings) lives in the one decode
 
 Backends are not thread-safe; the :class:`~local_llm_kit.engine.Engine` that owns one
 serializes access with its lock.
+
+KV-cache slots. A backend may keep several cached sequences at once (``n_slots``), so that
+conversations taking turns on one model do not evict each other's prefix. Exactly one slot is
+*current*: ``cached_tokens``, ``forward`` and ``truncate_cache`` act on it, so a backend
+implements them for one sequence and switches with :meth:`Backend.use_slot`. The decode loop
+gets a :class:`SlotView`, a backend bound to one slot, chosen by the engine (see
+:mod:`local_llm_kit.slots`), so a generation always works on its own slot whatever another
+generation did in between.
 """
 
 from __future__ import annotations
@@ -22,7 +30,24 @@ import numpy as np
 if TYPE_CHECKING:
     import llguidance
 
-__all__ = ["Backend", "ModelInfo"]
+__all__ = ["KV_BUDGET_BYTES", "MAX_DEFAULT_KV_SLOTS", "Backend", "ModelInfo", "SlotView", "default_kv_slots"]
+
+KV_BUDGET_BYTES = 1 << 30
+"""Memory the default number of KV-cache slots may take together (1 GiB)."""
+MAX_DEFAULT_KV_SLOTS = 4
+"""The most slots chosen by default (four conversations alternating on one model)."""
+
+
+def default_kv_slots(kv_bytes_per_token: int | None, n_ctx: int) -> int:
+    """Slots of ``n_ctx`` tokens that fit :data:`KV_BUDGET_BYTES`, from 1 to :data:`MAX_DEFAULT_KV_SLOTS`.
+
+    SmolLM2 135M (23 KiB of f16 keys and values per token) and Gemma 3 270M (18 KiB) get 4 slots
+    at 2,048 tokens (46 and 36 MiB each); an 8B Llama (128 KiB per token) at 8,192 tokens gets 1.
+    An unknown KV size gets 1 slot.
+    """
+    if not kv_bytes_per_token or kv_bytes_per_token <= 0:
+        return 1
+    return max(1, min(MAX_DEFAULT_KV_SLOTS, KV_BUDGET_BYTES // (kv_bytes_per_token * max(1, n_ctx))))
 
 
 @dataclass(frozen=True)
@@ -48,15 +73,68 @@ class ModelInfo:
 
 
 class Backend(abc.ABC):
-    """An inference engine holding one model and one KV cache."""
+    """An inference engine holding one model and ``n_slots`` cached sequences (one is current)."""
 
     name: str = "abstract"
 
-    def __init__(self) -> None:
-        self._cached: list[int] = []
-        # Which generation last changed the cache; the decode loop re-evaluates its own tokens
+    def __init__(self, n_slots: int = 1) -> None:
+        self._allocate_slots(n_slots)
+
+    def _allocate_slots(self, n_slots: int) -> None:
+        if n_slots < 1:
+            raise ValueError(f"a backend needs at least one KV-cache slot, not {n_slots}")
+        self._slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
+        # Which generation last changed each slot; the decode loop re-evaluates its own tokens
         # when another one (an interleaved stream on the same thread) has been there since.
-        self.owner: object | None = None
+        self._slot_owners: list[object | None] = [None] * n_slots
+        self._slot = 0
+
+    # -- slots ---------------------------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        """How many sequences the KV cache holds at once."""
+        return len(self._slot_tokens)
+
+    @property
+    def slot(self) -> int:
+        """The current slot (the one ``forward``, ``truncate_cache`` and ``cached_tokens`` use)."""
+        return self._slot
+
+    def slot_tokens(self, index: int) -> Sequence[int]:
+        """Token ids cached in slot ``index``."""
+        return self._slot_tokens[index]
+
+    def use_slot(self, index: int) -> None:
+        """Make slot ``index`` current."""
+        if not 0 <= index < len(self._slot_tokens):
+            raise IndexError(f"slot {index} does not exist (this backend has {len(self._slot_tokens)})")
+        if index != self._slot:
+            self._switch_slot(index)
+            self._slot = index
+
+    def _switch_slot(self, index: int) -> None:  # noqa: B027 - optional hook
+        """Engine-specific work to make ``index`` current (called before ``slot`` changes)."""
+
+    def clear_cache(self) -> None:
+        """Empty every slot (the next prompt is evaluated cold); slot 0 becomes current."""
+        for index in range(self.n_slots):
+            self.use_slot(index)
+            self.truncate_cache(0)
+        self.use_slot(0)
+
+    @property
+    def _cached(self) -> list[int]:
+        """The current slot's token ids (backends extend and trim it as their cache changes)."""
+        return self._slot_tokens[self._slot]
+
+    @property
+    def owner(self) -> object | None:
+        """The generation that last changed the current slot."""
+        return self._slot_owners[self._slot]
+
+    @owner.setter
+    def owner(self, value: object | None) -> None:
+        self._slot_owners[self._slot] = value
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -89,12 +167,12 @@ class Backend(abc.ABC):
     # -- evaluation --------------------------------------------------------------------------
     @property
     def cached_tokens(self) -> Sequence[int]:
-        """Token ids whose keys and values are in the KV cache, in order."""
+        """Token ids whose keys and values are in the current slot of the KV cache, in order."""
         return self._cached
 
     @abc.abstractmethod
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
-        """Evaluate ``tokens`` after the cached ones; return the last position's logits.
+        """Evaluate ``tokens`` after the current slot's cached ones; return the last position's logits.
 
         The result is a float32 vector of length ``info.n_vocab`` that the caller may modify;
         it may be a view of the engine's buffer, valid until the next call. Only the last
@@ -103,7 +181,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def truncate_cache(self, n_keep: int) -> int:
-        """Drop cached tokens after the first ``n_keep``; return how many are really kept.
+        """Drop the current slot's cached tokens after the first ``n_keep``; return how many are kept.
 
         An engine that cannot trim part of its cache (some sliding-window caches) may keep
         fewer tokens than asked, down to zero; the decode loop re-evaluates the rest.
@@ -111,3 +189,76 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources; the backend is unusable afterwards."""
+
+
+class SlotView(Backend):
+    """A backend bound to one of its slots: what one generation's decode loop works on.
+
+    Every call first makes the slot current, so interleaved generations on other slots (a
+    borrowing stream, see :mod:`local_llm_kit.lease`) never touch this one's cache.
+    """
+
+    def __init__(self, backend: Backend, index: int) -> None:  # no super().__init__: no slots of its own
+        if not 0 <= index < backend.n_slots:
+            raise IndexError(f"slot {index} does not exist (the backend has {backend.n_slots})")
+        self.backend = backend
+        self.index = index
+        self.name = backend.name
+
+    @property
+    def n_slots(self) -> int:
+        return 1
+
+    @property
+    def slot(self) -> int:
+        return 0
+
+    def slot_tokens(self, index: int) -> Sequence[int]:
+        return self.cached_tokens
+
+    def use_slot(self, index: int) -> None:
+        if index != 0:
+            raise IndexError("a slot view has one slot")
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    @property
+    def n_ctx(self) -> int:
+        return self.backend.n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.backend.tokenize(text)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.backend.token_bytes(token_id)
+
+    def llg_tokenizer(self) -> llguidance.LLTokenizer:
+        return self.backend.llg_tokenizer()
+
+    @property
+    def cached_tokens(self) -> Sequence[int]:
+        return self.backend.slot_tokens(self.index)
+
+    @property
+    def owner(self) -> object | None:
+        return self.backend._slot_owners[self.index]
+
+    @owner.setter
+    def owner(self, value: object | None) -> None:
+        self.backend._slot_owners[self.index] = value
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        self.backend.use_slot(self.index)
+        return self.backend.forward(tokens)
+
+    def truncate_cache(self, n_keep: int) -> int:
+        self.backend.use_slot(self.index)
+        return self.backend.truncate_cache(n_keep)
+
+    def clear_cache(self) -> None:
+        self.truncate_cache(0)
+
+    def close(self) -> None:
+        """A view owns nothing; closing the backend is the engine's business."""

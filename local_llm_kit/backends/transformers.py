@@ -5,9 +5,10 @@ GGUF file, which is converted once into a cached Hugging Face folder (see
 :mod:`local_llm_kit.backends._hf_convert`) so both backends can serve the same file. Nothing is
 ever downloaded: every ``from_pretrained`` call passes ``local_files_only=True``.
 
-The KV cache is one :class:`transformers.DynamicCache` kept across calls; ``forward`` feeds only
-the new tokens and asks for the last position's logits only (``logits_to_keep=1``), so a prefix
-shared with the previous request is never recomputed and prefill does not materialize a
+Each KV-cache slot (see :mod:`local_llm_kit.slots`) is one :class:`transformers.DynamicCache`
+kept across calls; ``forward`` feeds only the new tokens and asks for the last position's
+logits only (``logits_to_keep=1``), so a prefix shared with the previous request is never
+recomputed and prefill does not materialize a
 ``prompt_length x vocabulary`` matrix (1 GB for a 1000-token Gemma prompt in float32).
 
 This module imports torch and transformers at its top: it is only imported when the backend is
@@ -55,7 +56,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from local_llm_kit.backends import BackendOptions
 from local_llm_kit.backends._hf_convert import cached_hf_folder, is_gguf_file
-from local_llm_kit.backends.base import Backend, ModelInfo
+from local_llm_kit.backends.base import Backend, ModelInfo, default_kv_slots
 from local_llm_kit.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -101,6 +102,11 @@ class TransformersBackend(Backend):
 
     def __init__(self, path: str, options: BackendOptions) -> None:
         super().__init__()
+        for name in ("n_gpu_layers", "flash_attn", "main_gpu", "tensor_split"):
+            if getattr(options, name) is not None:
+                raise InvalidRequestError(
+                    f"{name} is a llama.cpp option; the transformers backend places the model with "
+                    "device= (e.g. device='cuda')", param=name)
         self._options = options
         self._source = Path(path).expanduser()
         self._device = _pick_device(options.device)
@@ -112,9 +118,12 @@ class TransformersBackend(Backend):
         # transformers 5 renamed ``past_key_values`` to ``cache``; 4.x only knows the old name.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._logits_kwargs: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self._cache = self._new_cache()
+        n_slots = options.kv_slots or default_kv_slots(self.kv_bytes_per_token, options.n_ctx)
+        self._allocate_slots(n_slots)
+        self._caches: list[Any] = [self._new_cache() for _ in range(n_slots)]
         extra = {"device": str(self._device), "dtype": str(self._dtype).removeprefix("torch."),
-                 "folder": str(folder), "transformers": transformers.__version__}  # fmt: skip
+                 "folder": str(folder), "transformers": transformers.__version__,
+                 "kv_slots": str(n_slots)}  # fmt: skip
         self._info = _model_info(self._source, self._tokenizer, self._model, extra)
         if options.n_ctx > self._info.n_ctx_train:
             logger.warning(
@@ -184,6 +193,29 @@ class TransformersBackend(Backend):
         if hasattr(cache, "activate_past_recording"):
             cache.activate_past_recording()
         return cache
+
+    @property
+    def _cache(self) -> Any:
+        """The current slot's cache."""
+        return self._caches[self._slot]
+
+    @_cache.setter
+    def _cache(self, cache: Any) -> None:
+        self._caches[self._slot] = cache
+
+    @property
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of keys and values one cached token takes (sliding-window layers keep full history)."""
+        config = self._model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        try:
+            layers = int(config.num_hidden_layers)
+            heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+            head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        return layers * heads * head_dim * 2 * itemsize
 
     # -- metadata ---------------------------------------------------------------------------------
     @property
@@ -292,8 +324,9 @@ class TransformersBackend(Backend):
         self._cached.clear()
 
     def close(self) -> None:
-        self._cache = None
-        self._cached.clear()
+        self._caches = [None] * self.n_slots
+        for tokens in self._slot_tokens:
+            tokens.clear()
         self._model = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
