@@ -123,9 +123,11 @@ class LlamaCppBackend(Backend):
             raise ValueError(f"{n_before + len(tokens)} tokens exceed the context of {self.n_ctx}")
         try:
             self._llama.eval(list(tokens))
-        except Exception:
+        except BaseException:
             # A failed decode leaves the cache in an unknown state (Llama.eval may already have
-            # advanced n_tokens past the batches it decoded): forget it entirely.
+            # advanced n_tokens past the batches it decoded): forget it entirely. BaseException
+            # too: Ctrl-C during a decode surfaces right after it returns, when the KV cache holds
+            # the batch but the backend has not recorded it.
             self._reset_cache()
             raise
         self._cached.extend(tokens)
