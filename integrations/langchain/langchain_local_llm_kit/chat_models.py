@@ -17,8 +17,8 @@ from operator import itemgetter
 from typing import Any, Literal, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import LanguageModelInput, ModelProfile
-from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams, generate_from_stream
+from langchain_core.language_models import LangSmithParams, LanguageModelInput, ModelProfile
+from langchain_core.language_models.chat_models import BaseChatModel, generate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
@@ -456,13 +456,16 @@ class ChatLocalLLMKit(BaseChatModel):
         is_pydantic = _is_pydantic_class(schema)
         ls_format: dict[str, Any]
         parser: Runnable[Any, Any]
+        model: Runnable[LanguageModelInput, Any]
         if method in ("json_schema", "function_calling") and schema is None:
             raise ValueError(f"schema is required with method={method!r}")
         if method == "json_schema":
+            assert schema is not None
             ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": convert_to_openai_tool(schema)}
             model = self.bind(response_format=_response_format(schema, strict), ls_structured_output_format=ls_format)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
         elif method == "function_calling":
+            assert schema is not None
             name = convert_to_openai_tool(schema)["function"]["name"]
             ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
             model = self.bind_tools([schema], tool_choice=name, parallel_tool_calls=False,  # type: ignore[list-item]

@@ -51,11 +51,27 @@ logger = logging.getLogger(__name__)
 # Keys LangChain may add that OpenAI's chat API (and so the client) does not take: message ids
 # are LangChain bookkeeping, not model input.
 _DROP_KEYS = ("id",)
+# An earlier assistant turn's own reasoning blocks (Anthropic "thinking", OpenAI "reasoning") are
+# left out of the history, as langchain-openai leaves them out of Chat Completions requests and as
+# reasoning models' chat templates strip past reasoning; the turn's text and tool calls stay.
+_PAST_REASONING = frozenset({"thinking", "redacted_thinking", "reasoning", "reasoning_content"})
+
+
+def _without_past_reasoning(message: BaseMessage | Mapping[str, Any]) -> BaseMessage | Mapping[str, Any]:
+    if isinstance(message, AIMessage) and isinstance(message.content, list):
+        kept = [b for b in message.content if not (isinstance(b, dict) and b.get("type") in _PAST_REASONING)]
+        if len(kept) != len(message.content):
+            return message.model_copy(update={"content": kept})
+    return message
 
 
 def to_openai_messages(messages: Sequence[BaseMessage | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """LangChain messages (or message-likes) as OpenAI chat message dicts, ready for ``create()``."""
-    converted = _lc_to_openai(list(messages), text_format="string")
+    """LangChain messages (or message-likes) as OpenAI chat message dicts, ready for ``create()``.
+
+    Content other than text (images, audio, files) is kept, so that the client rejects it with an
+    error naming the part; earlier assistant turns' reasoning blocks are left out.
+    """
+    converted = _lc_to_openai([_without_past_reasoning(m) for m in messages], text_format="string")
     result: list[dict[str, Any]] = []
     for message in converted:
         out = {k: v for k, v in message.items() if k not in _DROP_KEYS}

@@ -15,10 +15,10 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, SystemMessage
 
 from langchain_local_llm_kit.chat_models import ChatLocalLLMKit
 from local_llm_kit import TokenLimitError
@@ -135,7 +135,7 @@ class ConversationMemoryMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         if low:
             logger.info("memory: left out the %d oldest turns (%d messages) to stay within %d tokens", low,
                         len(request.messages) - len(messages), budget)
-        return request.override(messages=messages), report
+        return request.override(messages=cast(list[AnyMessage], messages)), report
 
     def _remember(self, report: TrimReport) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_local_llm_kit import ChatLocalLLMKit
 from langchain_tests.integration_tests import ChatModelIntegrationTests
@@ -26,7 +27,7 @@ class TestChatLocalLLMKitStandardIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {**REAL_MODEL, "temperature": 0, "max_tokens": 64}
+        return {**REAL_MODEL, "temperature": 0, "max_tokens": 256}
 
     @property
     def supports_json_mode(self) -> bool:
@@ -40,3 +41,12 @@ class TestChatLocalLLMKitStandardIntegration(ChatModelIntegrationTests):
     def model_override_value(self) -> str | None:
         # A per-call model= loads the other packaged model (Gemma 3 270M) through the same client.
         return "gemma-3-270m"
+
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    @pytest.mark.xfail(strict=True, reason=(
+        "model's choice: with tool_choice left to the model (auto), SmolLM2 135M answers in text instead of "
+        "calling get_weather. Observed (greedy): content 'The weather in San Francisco, CA, is mostly sunny and "
+        "warm.', tool_calls [], finish_reason 'stop'. The same loop with a forced call passes in "
+        "test_langchain_real_model.py::test_agent_with_tools_and_checkpointer_over_turns."))
+    def test_agent_loop(self, model: BaseChatModel) -> None:
+        super().test_agent_loop(model)

@@ -325,3 +325,11 @@ def test_memory_both_ways(tmp_path: Path) -> None:
 
     add_to_memory(client, [HumanMessage("And my age?")])
     assert client.memory[-1] == {"role": "user", "content": "And my age?"}
+
+
+def test_past_reasoning_blocks_are_left_out_of_the_history() -> None:
+    history = [HumanMessage("Hello"),
+               AIMessage([{"type": "thinking", "thinking": "a greeting", "signature": "x"},
+                          {"type": "text", "text": "Hello, how are you?"}]),
+               HumanMessage("Well, thanks.")]
+    assert to_openai_messages(history)[1] == {"role": "assistant", "content": "Hello, how are you?"}
