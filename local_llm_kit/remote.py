@@ -228,12 +228,14 @@ class RemoteEndpoint:
             if body.get("tools"):
                 tokenize["tools"] = body["tools"]
             try:
-                answer = self.request("POST", self.root_url + "/tokenize", tokenize, retry_missing=False)
+                answer = self.request("POST", self.root_url + "/tokenize", tokenize)
             except RemoteServerError as exc:
                 if exc.status not in (404, 405):
                     raise
                 logger.info("%s has no /tokenize endpoint: counting with one-token completions", self.root_url)
                 self._tokenize_supported = False
+            except _Rejected:
+                pass  # this server's /tokenize does not take this request (e.g. tools): count with a completion
             else:
                 if isinstance(answer.get("count"), int):
                     self._tokenize_supported = True
@@ -250,7 +252,7 @@ class RemoteEndpoint:
     # -- requests --------------------------------------------------------------------------------
     def request(self, method: str, url: str, body: dict[str, Any] | None = None, *,
                 timeout: float | None = None, headers: Mapping[str, str] | None = None,
-                params: Mapping[str, Any] | None = None, retry_missing: bool = True) -> dict[str, Any]:
+                params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Send one request and return its JSON answer; errors mapped (see the module doc)."""
         for attempt in range(self.max_retries + 1):
             try:

@@ -42,7 +42,7 @@ from tests.conformance.test_structured_conformance import (  # noqa: F401
 )
 from tests.server.conftest import RunningServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)
