@@ -1,19 +1,26 @@
-"""Coverage and validity on the JSONSchemaBench sample in /work/shared/data/jsonschemabench (240 schemas).
+"""Structured output valid at every finish, on the JSONSchemaBench corpus (240 schemas).
 
-For every schema and backend:
+The corpus is read from ``<repo>/../shared/data/jsonschemabench``. For every backend and every
+``max_tokens`` (64 and 256 by default), greedy:
 
-- coverage: does the engine compile it (``response_format`` accepted), or does the request raise
-  ``InvalidRequestError`` with the engine's reason (never a silent fallback);
-- validity: a greedy completion with ``response_format={"type": "json_schema", ...}``; every one
-  that finishes with ``finish_reason == "stop"`` must parse and validate (``jsonschema``);
-- for the Glaive function schemas, the same for a forced tool call (``tool_choice`` naming the
-  function): every call that finishes with ``"tool_calls"`` must validate.
+- coverage: the share of schemas accepted (``strict`` absent: what the grammar cannot enforce is
+  checked after generation; a rejected schema raises ``InvalidRequestError``, never falls back);
+- validity: for each schema, ``response_format={"type": "json_schema", ...}``; the share of
+  replies that parse and validate (``jsonschema``) **whatever their finish_reason** (the target is
+  100%: a reply cut by ``max_tokens`` is closed by the grammar), and the share that stopped
+  naturally (``finish_reason == "stop"``); replies flagged with ``schema_violations`` (a keyword the
+  grammar could not enforce, e.g. ``uniqueItems``) are counted apart;
+- for the Glaive function schemas, the same for a forced tool call (``tool_choice`` naming it);
+- speed: the constrained replies' tokens/s against unconstrained replies on the same prompt (the
+  JSON request's own, instruction included) and the same ``max_tokens``, run right after each
+  other (ratio of total tokens over total seconds).
 
-Writes benchmarks/results/jsonschemabench.json and prints a markdown table.
+Writes benchmarks/results/jsonschemabench.json and a markdown table.
 
-    python benchmarks/jsonschemabench.py [--backends llama.cpp transformers] [--limit N] [--max-tokens 256]
+    python benchmarks/jsonschemabench.py [--backends llama.cpp transformers] [--limit N] [--max-tokens 64 256]
 
-``--limit`` takes an evenly spaced sample per folder (coverage is always measured on every schema).
+``--limit`` takes an evenly spaced sample of N schemas per folder (coverage is always measured on
+every schema).
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import logging
 import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +40,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, write_results
 
 from local_llm_kit import InvalidRequestError, LLMClient, TokenLimitError
-from local_llm_kit.constraints import grammar_cache, json_schema_grammar
+from local_llm_kit.formats import JsonSpec
+from local_llm_kit.request import validate_request
+from local_llm_kit.structured import select_output_mode
 
-CORPUS = Path("/work/shared/data/jsonschemabench")
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jsonschemabench"
 FOLDERS = ("Glaiveai2K", "Github_easy", "Github_medium", "Snowplow", "Kubernetes")
+ASK = "Write one realistic example JSON document for this schema."
 logger = logging.getLogger("jsonschemabench")
 
 
 def load_corpus(root: Path) -> list[tuple[str, Path, Any]]:
+    if not root.is_dir():
+        raise SystemExit(f"the JSONSchemaBench corpus is missing: expected it at {root}")
     corpus = []
     for folder in FOLDERS:
         for path in sorted((root / folder).glob("*.json")):
@@ -78,54 +89,79 @@ def function_name(path: Path) -> str:
     return re.sub(r"_[0-9a-f]{8}$", "", path.stem)[:64] or "f"
 
 
+def coverage(client: LLMClient, corpus: list[tuple[str, Path, Any]]) -> tuple[dict[str, bool], dict[str, Any]]:
+    accepted: dict[str, bool] = {}
+    details: dict[str, Any] = {}
+    for folder, path, schema in corpus:
+        key = f"{folder}/{path.name}"
+        args = {"messages": [{"role": "user", "content": ASK}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "example", "schema": schema}}}
+        request = validate_request(args, default_temperature=0.0, default_top_p=1.0,
+                                   n_vocab=client.engine.backend.info.n_vocab)
+        try:
+            output = select_output_mode(client.engine, request)
+            accepted[key] = True
+            unenforced = output._content_check.unenforced  # type: ignore[attr-defined]
+            if unenforced:
+                details[key] = {"checked_after": list(unenforced)}
+        except InvalidRequestError as exc:
+            accepted[key] = False
+            details[key] = {"rejected": str(exc)[:300]}
+    return accepted, details
+
+
 def run_backend(backend: str, model: str, corpus: list[tuple[str, Path, Any]], limit: int | None,
-                max_tokens: int, cache_dir: str | None, threads: int | None) -> dict[str, Any]:
+                budgets: list[int], cache_dir: str | None, threads: int | None) -> dict[str, Any]:
     client = LLMClient(model, backend=backend, temperature=0, cache_dir=cache_dir, n_threads=threads).load()
     client.disable_memory()
-    tokenizer = client.engine.backend.llg_tokenizer()
-    compiled: dict[str, bool] = {}
-    reasons: dict[str, str] = {}
-    for folder, path, schema in corpus:  # coverage on everything
-        key = f"{folder}/{path.name}"
-        try:
-            grammar_cache.compile(tokenizer, json_schema_grammar(schema), param="response_format")
-            compiled[key] = True
-        except (InvalidRequestError, ValueError, TypeError) as exc:
-            compiled[key] = False
-            reasons[key] = str(exc)[:300]
-    runs: list[dict[str, Any]] = []
+    accepted, details = coverage(client, corpus)
     by_folder: dict[str, list[tuple[str, Path, Any]]] = {}
     for item in corpus:
         by_folder.setdefault(item[0], []).append(item)
-    started = time.perf_counter()
-    for folder in FOLDERS:
-        for _, path, schema in sample(by_folder.get(folder, []), limit):
+    chosen = [item for folder in FOLDERS for item in sample(by_folder.get(folder, []), limit)]
+    per_budget = []
+    for max_tokens in budgets:
+        runs: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        for folder, path, schema in chosen:
             key = f"{folder}/{path.name}"
-            if not compiled[key]:
+            if not accepted[key]:
                 continue
             runs.append(json_run(client, key, schema, max_tokens))
+            runs[-1]["free"] = free_run(client, schema, max_tokens)
             if folder == "Glaiveai2K":
                 runs.append(tool_run(client, key, function_name(path), schema, max_tokens))
-            logger.info("%s %s: %s", backend, key, runs[-1]["outcome"])
-    elapsed = time.perf_counter() - started
-    return {"backend": backend, "model": model, "schemas": len(corpus), "compiled": sum(compiled.values()),
-            "coverage": sum(compiled.values()) / len(corpus), "rejected": reasons, "runs": runs,
-            "seconds": elapsed, "summary": summarize(runs)}
+            logger.info("%s %d %s: %s %s", backend, max_tokens, key, runs[-1].get("finish_reason"),
+                        runs[-1]["outcome"])
+        per_budget.append({"max_tokens": max_tokens, "runs": runs, "seconds": time.perf_counter() - started,
+                           "summary": summarize(runs)})
+    return {"backend": backend, "model": model, "schemas": len(corpus), "accepted": sum(accepted.values()),
+            "coverage": sum(accepted.values()) / len(corpus), "details": details, "schemas_run": len(chosen),
+            "budgets": per_budget}
 
 
 def json_run(client: LLMClient, key: str, schema: Any, max_tokens: int) -> dict[str, Any]:
-    messages = [{"role": "user", "content": "Write one realistic example JSON document for this schema."}]
     fmt = {"type": "json_schema", "json_schema": {"name": "example", "schema": schema}}
     return outcome("json", key, schema, lambda: client.chat.completions.create(
-        messages=messages, response_format=fmt, max_tokens=max_tokens))
+        messages=[{"role": "user", "content": ASK}], response_format=fmt, max_tokens=max_tokens))
+
+
+def free_run(client: LLMClient, schema: Any, max_tokens: int) -> dict[str, float]:
+    """The same prompt (system instruction included) without the grammar: the speed reference."""
+    note = JsonSpec(schema, "example").instruction()
+    client.engine.backend.truncate_cache(0)
+    started = time.perf_counter()
+    response = client.chat.completions.create(
+        messages=[{"role": "system", "content": note}, {"role": "user", "content": ASK}], max_tokens=max_tokens)
+    return {"seconds": time.perf_counter() - started, "completion_tokens": response.usage.completion_tokens}
 
 
 def tool_run(client: LLMClient, key: str, name: str, schema: Any, max_tokens: int) -> dict[str, Any]:
-    messages = [{"role": "user", "content": f"Call {name} with realistic arguments."}]
     tools = [{"type": "function", "function": {"name": name, "parameters": schema}}]
     choice = {"type": "function", "function": {"name": name}}
     return outcome("tool", key, schema, lambda: client.chat.completions.create(
-        messages=messages, tools=tools, tool_choice=choice, max_tokens=max_tokens))
+        messages=[{"role": "user", "content": f"Call {name} with realistic arguments."}], tools=tools,
+        tool_choice=choice, max_tokens=max_tokens))
 
 
 def outcome(kind: str, key: str, schema: Any, request: Any) -> dict[str, Any]:
@@ -134,21 +170,23 @@ def outcome(kind: str, key: str, schema: Any, request: Any) -> dict[str, Any]:
         response = request()
     except TokenLimitError as exc:
         return {"kind": kind, "schema": key, "outcome": "prompt too long", "detail": str(exc)[:200]}
-    except InvalidRequestError as exc:
+    except InvalidRequestError as exc:  # e.g. max_tokens below the shortest valid reply
         return {"kind": kind, "schema": key, "outcome": "rejected", "detail": str(exc)[:300]}
     choice = response.choices[0]
     seconds = time.perf_counter() - started
-    entry = {"kind": kind, "schema": key, "finish_reason": choice.finish_reason, "seconds": seconds,
-             "completion_tokens": response.usage.completion_tokens}
+    entry: dict[str, Any] = {"kind": kind, "schema": key, "finish_reason": choice.finish_reason,
+                             "seconds": seconds, "completion_tokens": response.usage.completion_tokens}
     if kind == "json":
         text = choice.message.content or ""
-        done = choice.finish_reason == "stop"
     else:
         calls = choice.message.tool_calls or []
-        text = calls[0].function.arguments if calls else ""
-        done = choice.finish_reason == "tool_calls"
+        text = calls[0].function.arguments if len(calls) == 1 else ""
     entry["output"] = text[:2000]
-    entry["outcome"] = check(text, schema) if done else "length"
+    entry["outcome"] = check(text, schema)
+    if choice.message.schema_violations:
+        entry["schema_violations"] = choice.message.schema_violations
+        if entry["outcome"] != "valid":
+            entry["outcome"] = "flagged"  # parses; a keyword the grammar could not enforce is broken, and said so
     return entry
 
 
@@ -156,31 +194,43 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for kind in ("json", "tool"):
         mine = [r for r in runs if r["kind"] == kind]
-        finished = [r for r in mine if r["outcome"] not in ("length", "prompt too long", "rejected")]
-        valid = [r for r in finished if r["outcome"] == "valid"]
-        result[kind] = {"runs": len(mine), "finished": len(finished), "valid": len(valid),
-                        "validity": len(valid) / len(finished) if finished else None,
-                        "outcomes": dict(Counter(r["outcome"].split(":")[0] for r in mine))}
+        generated = [r for r in mine if "finish_reason" in r]
+        valid = [r for r in generated if r["outcome"] == "valid"]
+        flagged = [r for r in generated if r["outcome"] == "flagged"]
+        natural = [r for r in generated if r["finish_reason"] in ("stop", "tool_calls")]
+        result[kind] = {"runs": len(mine), "generated": len(generated), "valid": len(valid),
+                        "flagged": len(flagged), "stopped": len(natural),
+                        "not_generated": {r["schema"]: r["outcome"] for r in mine if "finish_reason" not in r}}
+    constrained = [r for r in runs if r["kind"] == "json" and "finish_reason" in r]
+    tokens = sum(r["completion_tokens"] for r in constrained)
+    seconds = sum(r["seconds"] for r in constrained)
+    free_tokens = sum(r["free"]["completion_tokens"] for r in constrained)
+    free_seconds = sum(r["free"]["seconds"] for r in constrained)
+    result["speed"] = {"constrained_tok_s": tokens / seconds if seconds else None,
+                       "free_tok_s": free_tokens / free_seconds if free_seconds else None}
+    if seconds and free_seconds and free_tokens:
+        result["speed"]["ratio"] = (tokens / seconds) / (free_tokens / free_seconds)
     return result
 
 
 def table_of(results: list[dict[str, Any]], corpus_size: int, model: str) -> list[str]:
-    table = [f"JSONSchemaBench sample ({corpus_size} schemas), {model}, greedy", "",
-             "| backend | coverage (compiled) | schemas run | max_tokens | JSON finished (stop) "
-             "| valid / finished | forced tool calls | finished | valid / finished | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = [f"JSONSchemaBench ({corpus_size} schemas), {model}, greedy, strict absent", "",
+             "| backend | accepted | schemas run | max_tokens | JSON parse+valid | flagged | stopped naturally "
+             "| forced calls valid | calls stopped | constrained / free tok/s | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def share(part: dict[str, Any]) -> str:
-        if part["validity"] is None:
-            return "n/a"
-        return f"{part['valid']}/{part['finished']} ({part['validity']:.0%})"
+    def pct(part: int, whole: int) -> str:
+        return f"{part}/{whole} ({part / whole:.0%})" if whole else "n/a"
 
     for r in results:
-        j, t = r["summary"]["json"], r["summary"]["tool"]
-        run = "all compiled" if r.get("limit") is None else f"{r['limit']} per folder"
-        table.append(f"| {r['backend']} | {r['compiled']}/{r['schemas']} ({r['coverage']:.1%}) | {run} "
-                     f"| {r.get('max_tokens')} | {j['finished']}/{j['runs']} | {share(j)} | {t['runs']} "
-                     f"| {t['finished']} | {share(t)} | {r['seconds'] / 60:.1f} |")
+        for b in r["budgets"]:
+            j, t, speed = b["summary"]["json"], b["summary"]["tool"], b["summary"]["speed"]
+            ratio = f"{speed['ratio']:.2f}x" if speed.get("ratio") else "n/a"
+            table.append(
+                f"| {r['backend']} | {r['accepted']}/{r['schemas']} | {r['schemas_run']} | {b['max_tokens']} "
+                f"| {pct(j['valid'], j['generated'])} | {j['flagged']} | {pct(j['stopped'], j['generated'])} "
+                f"| {pct(t['valid'], t['generated'])} | {pct(t['stopped'], t['generated'])} | {ratio} "
+                f"| {b['seconds'] / 60:.1f} |")
     return table
 
 
@@ -189,7 +239,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["llama.cpp", "transformers"])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--limit", type=int, default=None, help="schemas run per folder (default: all)")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the library's)")
@@ -200,16 +250,14 @@ def main() -> None:
     for backend in args.backends:
         result = run_backend(backend, args.model, corpus, args.limit, args.max_tokens, args.cache_dir,
                              args.threads)
-        results.append({**result, "limit": args.limit, "max_tokens": args.max_tokens,
-                        "threads": args.threads})
-    # Backends not run this time keep their previous results (e.g. a full llama.cpp run and a
-    # sampled transformers run made separately).
+        results.append({**result, "limit": args.limit, "threads": args.threads})
+    # Backends not run this time keep their previous results (e.g. runs made separately).
     previous = RESULTS / "jsonschemabench.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("model") == args.model:
             ran = {r["backend"] for r in results}
-            results = [r for r in old.get("backends", []) if r["backend"] not in ran] + results
+            results = [r for r in old.get("backends", []) if r["backend"] not in ran and "budgets" in r] + results
     write_results("jsonschemabench", {"model": args.model, "backends": results},
                   table_of(results, len(corpus), args.model))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from typing import Any, Literal
 from local_llm_kit.errors import TemplateError
 from local_llm_kit.templates import ChatTemplate
 
-__all__ = ["GENERIC_FORMAT", "CallFormat", "CallParser", "Event", "canonical_arguments", "native_format",
-           "new_call_id"]
+__all__ = ["GENERIC_FORMAT", "CallFormat", "CallParser", "Event", "canonical_arguments", "format_for",
+           "native_format", "new_call_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,22 @@ def native_format(template: ChatTemplate) -> CallFormat | None:
         return None
     return CallFormat(open_, close, _separator(template, prompt, call, open_ + obj + close, end_of_turn),
                       args_key, native=True)
+
+
+_formats: dict[tuple[str, str, str], CallFormat] = {}
+_formats_lock = threading.Lock()
+
+
+def format_for(template: ChatTemplate) -> CallFormat:
+    """The call format for a template: its own when recognisable, else the generic one (cached)."""
+    key = (template.source, template.bos_token, template.eos_token)
+    with _formats_lock:
+        fmt = _formats.get(key)
+    if fmt is None:
+        fmt = native_format(template) or GENERIC_FORMAT
+        with _formats_lock:
+            _formats[key] = fmt
+    return fmt
 
 
 def _separator(template: ChatTemplate, prompt: str, call: Any, first: str, end_of_turn: str) -> str | None:

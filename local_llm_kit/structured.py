@@ -25,11 +25,10 @@ write far better values when they know a JSON reply is expected.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from local_llm_kit.calls import GENERIC_FORMAT, CallFormat, CallParser, native_format, new_call_id
+from local_llm_kit.calls import CallFormat, CallParser, format_for, new_call_id
 from local_llm_kit.constraints import (
     CallSyntax,
     CompiledGrammar,
@@ -222,21 +221,9 @@ def _has_tool_history(messages: Sequence[Mapping[str, Any]]) -> bool:
 
 
 # -- selection -----------------------------------------------------------------------------
-_formats: dict[tuple[str, str, str], CallFormat] = {}
-_formats_lock = threading.Lock()
-
-
 def call_format(engine: Engine) -> CallFormat:
     """The call format for this model: its template's own when recognisable, else the generic one."""
-    template = engine.template
-    key = (template.source, template.bos_token, template.eos_token)
-    with _formats_lock:
-        fmt = _formats.get(key)
-    if fmt is None:
-        fmt = native_format(template) or GENERIC_FORMAT
-        with _formats_lock:
-            _formats[key] = fmt
-    return fmt
+    return format_for(engine.template)
 
 
 def _single_special(engine: Engine, text: str) -> int | None:
