@@ -6,6 +6,7 @@ load-time settings, so ten clients over one model cost one model's memory.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -32,6 +33,10 @@ _REMEMBERED_GENERATIONS = 64
 _SEGMENT_MEMO = 4096
 # Segmented tokenizations checked against a whole one before the engine trusts segmenting.
 _SEGMENT_CHECKS = 8
+# Recent renderings kept for incremental rendering, and how many incremental renderings are
+# checked against a whole rendering before the engine trusts its template with them.
+_RENDER_MEMO = 64
+_RENDER_CHECKS = 8
 
 
 class Engine:
@@ -48,6 +53,15 @@ class Engine:
         self._segments_lock = threading.Lock()
         self._segment_checks = _SEGMENT_CHECKS
         self._boundaries = self._segment_boundaries()
+        # Incremental rendering (see render()): frozen messages and tools -> text without the
+        # generation prompt.
+        self._renders: OrderedDict[tuple[str, tuple[Any, ...]], str] = OrderedDict()
+        self._renders_lock = threading.Lock()
+        self._render_checks = _RENDER_CHECKS
+        self.incremental_render = True
+        # Reply markers (see _split_at_replies) are unique to this engine, not to each call, so
+        # that marked conversations render incrementally too.
+        self._marker_salt = uuid.uuid4().hex
         info = backend.info
         self.template = ChatTemplate.for_model(
             info.chat_template, info.architecture, bos_token=info.bos_token, eos_token=info.eos_token
@@ -76,7 +90,81 @@ class Engine:
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        """The chat template applied to ``messages``, rendering only what is new when it can.
+
+        A conversation whose earlier messages were rendered recently is rendered as that text
+        plus the rendering of the new messages: the template is applied to the opening messages
+        (system messages and the first one after them, which templates treat specially), the
+        last already-rendered message (which some templates look back to) and the new messages,
+        and the opening's own rendering is cut off. The first few such renderings are checked
+        against a whole rendering; a template whose output differs (one that looks further
+        back, or rewrites earlier turns) is rendered whole from then on.
+        """
+        if not self.incremental_render or len(messages) < 3:
+            return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        try:
+            tools_key = json.dumps(tools, sort_keys=True, default=str) if tools else ""
+            frozen = tuple(_freeze(m) for m in messages)
+        except (TypeError, ValueError):  # content that does not serialize: nothing to memoize
+            return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        text = self._render_incrementally(messages, frozen, tools, tools_key, add_generation_prompt)
+        if text is None:
+            text = self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+            # What the next turn builds on: the text without the generation prompt.
+            self._remember_render(tools_key, frozen, text if not add_generation_prompt else
+                                  self.template.render(messages, tools=tools, add_generation_prompt=False))
+        return text
+
+    def _render_incrementally(self, messages: Sequence[Mapping[str, Any]], frozen: tuple[Any, ...],
+                              tools: Sequence[Mapping[str, Any]] | None, tools_key: str,
+                              add_generation_prompt: bool) -> str | None:
+        opening = 0
+        while opening < len(messages) and messages[opening].get("role") == "system":
+            opening += 1
+        opening += 1  # and the first message after the system messages
+        with self._renders_lock:
+            best: tuple[int, str] | None = None
+            for (key_tools, key_frozen), rendered in reversed(self._renders.items()):
+                n = len(key_frozen)
+                if key_tools == tools_key and opening < n <= len(frozen) and frozen[:n] == key_frozen \
+                        and (best is None or n > best[0]):
+                    best = (n, rendered)
+            if best is not None:
+                self._renders.move_to_end((tools_key, frozen[:best[0]]))
+        if best is None:
+            return None
+        known, known_text = best
+        anchor = [*messages[:opening], *messages[max(opening, known - 1):known]]
+        new = list(messages[known:])
+        render = self.template.render
+        head = render(anchor, tools=tools, add_generation_prompt=False)
+        tail_open = render([*anchor, *new], tools=tools, add_generation_prompt=False)
+        tail = tail_open if not add_generation_prompt else render([*anchor, *new], tools=tools,
+                                                                  add_generation_prompt=True)
+        if not (tail_open.startswith(head) and tail.startswith(head)):
+            return None
+        text = known_text + tail[len(head):]
+        if self._render_checks > 0:
+            whole = render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+            with self._renders_lock:
+                self._render_checks -= 1
+                if whole != text:
+                    logger.warning("%s: the chat template renders conversations differently in parts than whole; "
+                                   "rendering whole from now on", self.model.name)
+                    self.incremental_render = False
+                    self._render_checks = 0
+            if whole != text:
+                return whole
+        if new:
+            self._remember_render(tools_key, frozen, known_text + tail_open[len(head):])
+        return text
+
+    def _remember_render(self, tools_key: str, frozen: tuple[Any, ...], text: str) -> None:
+        with self._renders_lock:
+            self._renders[(tools_key, frozen)] = text
+            self._renders.move_to_end((tools_key, frozen))
+            while len(self._renders) > _RENDER_MEMO:
+                self._renders.popitem(last=False)
 
     def encode(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> list[int]:
@@ -189,7 +277,7 @@ class Engine:
         ("Paris") inside an earlier message. ``None`` when the template treats the markers
         differently from the replies (it inspects or rewrites content): then nothing is spliced.
         """
-        markers = {i: f"\x1e\x1fllk-reply-{i}-{uuid.uuid4().hex}\x1f\x1e" for i in generated}
+        markers = {i: f"\x1e\x1fllk-reply-{i}-{self._marker_salt}\x1f\x1e" for i in generated}
         marked = [dict(m, content=markers[i]) if i in markers else m for i, m in enumerate(messages)]
         try:
             rendered = self.render(marked, tools=tools, add_generation_prompt=add_generation_prompt)
@@ -227,6 +315,14 @@ class Engine:
         """Unload the model: waits for the step in progress; later steps raise ModelUnloadedError."""
         if not self.lease.closed:
             self.lease.close(self.backend.close)
+
+
+def _freeze(message: Mapping[str, Any]) -> Any:
+    """An immutable snapshot of a message, compared to tell whether it was rendered before."""
+    items = tuple(message.items())
+    if all(isinstance(v, (str, int, float, bool, type(None))) for _, v in items):
+        return items
+    return json.dumps(message, sort_keys=True)
 
 
 def _find_all(text: str, marker: str) -> Iterator[int]:

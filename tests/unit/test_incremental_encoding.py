@@ -89,3 +89,82 @@ def test_a_tokenizer_that_breaks_segmenting_is_tokenized_whole(caplog: pytest.Lo
         ids = engine.encode(messages)
     assert ids == engine.backend.tokenize(engine.render(messages))
     assert engine._boundaries == () and "tokenizing whole" in caplog.text
+
+
+# -- incremental rendering --------------------------------------------------------------------------
+
+SMOL_LIKE = (  # SmolLM2's template shape: a default system message unless the first message is one
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LOOKS_BACK = (  # numbers every turn by how many user turns remain: earlier turns change each time
+    "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}{% set ns = namespace(seen=0) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% set ns.seen = ns.seen + 1 %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + ' ' + ((users | length) - ns.seen) | string + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(("template", "architecture"), [
+    (None, "gemma3"), (SMOL_LIKE, "fake"), (FakeBackend().info.chat_template, "fake"),
+])
+@pytest.mark.parametrize("system", [True, False])
+def test_incremental_rendering_equals_whole_rendering(template: str | None, architecture: str,
+                                                      system: bool) -> None:
+    client = fake_client(backend=FakeBackend("Fine, thanks.  ", chat_template=template,
+                                             architecture=architecture))
+    engine = client.engine
+    if system:
+        client.enable_memory(max_tokens=100_000)
+        client.add_to_memory([{"role": "system", "content": "Be brief."}])
+    prompts = chat(client, 12)
+    assert engine.incremental_render, "every check against a whole rendering passed"
+    for messages in prompts:
+        for generation_prompt in (True, False):
+            assert engine.render(messages, add_generation_prompt=generation_prompt) == \
+                engine.template.render(messages, add_generation_prompt=generation_prompt)
+        assert engine.encode(messages) == whole_encode(engine, messages)
+
+
+INDEXED = (  # numbers every message by its position: a part rendered apart gets other numbers
+    "{% for message in messages %}{{ '<|im_start|>' + loop.index0 | string + ' ' + message['role'] + '\n'"
+    " + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_rendered_whole() -> None:
+    client = fake_client(backend=FakeBackend("ok", chat_template=LOOKS_BACK))
+    engine = client.engine
+    for messages in chat(client, 5):  # the opening renders differently alone: never cut
+        assert engine.render(messages) == engine.template.render(messages)
+        assert engine.encode(messages) == whole_encode(engine, messages)
+
+
+def test_a_template_that_numbers_messages_is_rendered_whole(caplog: pytest.LogCaptureFixture) -> None:
+    client = fake_client(backend=FakeBackend("ok", chat_template=INDEXED))
+    engine = client.engine
+    with caplog.at_level("WARNING"):
+        prompts = chat(client, 4)
+    assert not engine.incremental_render and "rendering whole" in caplog.text
+    for messages in prompts:
+        assert engine.render(messages) == engine.template.render(messages)
+
+
+def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
+    client = fake_client("A reply.")
+    engine = client.engine
+    chat(client, 12)  # past the checks against whole renderings
+    assert engine._render_checks == 0 and engine.incremental_render
+    rendered: list[int] = []
+    inner = engine.template.render
+
+    def counting(messages: Sequence[Any], **kwargs: Any) -> str:
+        rendered.append(len(messages))
+        return inner(messages, **kwargs)
+
+    engine.template.render = counting  # type: ignore[method-assign]
+    client.chat.completions.create(messages=[{"role": "user", "content": "One more."}])
+    assert rendered and max(rendered) <= 5 < len(client.memory)
