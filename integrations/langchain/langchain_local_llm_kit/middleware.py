@@ -97,7 +97,7 @@ class ConversationMemoryMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                         f"a {type(request.model).__name__}: pass model=ChatLocalLLMKit(...)")
 
     def _budget(self, model: ChatLocalLLMKit, request: ModelRequest[Any]) -> int:
-        context = model.context_length or 0
+        context = model.sync_client.engine.n_ctx  # the loaded model's real window (counting loads it anyway)
         reply = request.model_settings.get("max_tokens") or model.max_tokens or 1
         room = context - reply
         return room if self.max_tokens is None else min(self.max_tokens, room)

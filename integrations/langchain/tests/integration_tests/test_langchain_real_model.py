@@ -181,23 +181,22 @@ def test_agent_with_tools_and_checkpointer_over_turns(tool_model: ChatLocalLLMKi
 
 
 # -- memory middleware ---------------------------------------------------------------------------------
-def test_memory_middleware_keeps_40_turns_in_a_small_context() -> None:
-    model = ChatLocalLLMKit(model="smollm2-135m-instruct", backend="llama.cpp", context_length=512, n_threads=1,
-                            temperature=0, max_tokens=8)
-    memory = ConversationMemoryMiddleware(max_tokens=300)
+def test_memory_middleware_keeps_40_turns_in_a_256_token_context() -> None:
+    # No max_tokens for the middleware: the budget is what the 256-token context leaves after the reply.
+    model = ChatLocalLLMKit(model="smollm2-135m-instruct", backend="llama.cpp", context_length=256, n_threads=1,
+                            temperature=0, max_tokens=6)
+    memory = ConversationMemoryMiddleware()
     agent = create_agent(model, tools=[], middleware=[memory], checkpointer=InMemorySaver(),
                          system_prompt="You are a friendly assistant. Answer briefly.")
     config: Any = {"configurable": {"thread_id": "long"}}
     dropped = []
     for turn in range(40):
-        state = agent.invoke({"messages": [HumanMessage(f"Note number {turn}: my favourite number is {turn}.")]},
-                             config)
+        state = agent.invoke({"messages": [HumanMessage(f"Note {turn}: I like {turn}.")]}, config)
         reply = state["messages"][-1]
         report = memory.last
         assert report is not None and reply.usage_metadata is not None
         # the count the middleware trimmed by is exactly what the model was fed
-        assert reply.usage_metadata["input_tokens"] == report.prompt_tokens <= report.budget == 300
-        assert report.prompt_tokens + 8 <= 512
+        assert reply.usage_metadata["input_tokens"] == report.prompt_tokens <= report.budget == 256 - 6
         dropped.append(report.dropped_turns)
     assert len(state["messages"]) == 80  # the checkpointer keeps the whole conversation
     assert dropped[0] == 0 and dropped[-1] > 0  # trimming started once the budget was reached

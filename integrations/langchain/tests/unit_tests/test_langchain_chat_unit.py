@@ -333,3 +333,59 @@ def test_past_reasoning_blocks_are_left_out_of_the_history() -> None:
                           {"type": "text", "text": "Hello, how are you?"}]),
                HumanMessage("Well, thanks.")]
     assert to_openai_messages(history)[1] == {"role": "assistant", "content": "Hello, how are you?"}
+
+
+# -- memory middleware ---------------------------------------------------------------------------
+def test_memory_middleware_trims_whole_turns_with_exact_counts() -> None:
+    from langchain.agents import create_agent
+    from langchain_local_llm_kit import ConversationMemoryMiddleware
+    from langchain_local_llm_kit.middleware import split_turns
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    model = fake_model("Noted.", temperature=0, max_tokens=10, n_ctx=400)
+    memory = ConversationMemoryMiddleware(max_tokens=250)
+    agent = create_agent(model, tools=[], middleware=[memory], checkpointer=InMemorySaver(), system_prompt="Be brief.")
+    config: Any = {"configurable": {"thread_id": "t"}}
+    for turn in range(12):
+        state = agent.invoke({"messages": [HumanMessage(f"Remember fact number {turn}.")]}, config)
+        report = memory.last
+        assert report is not None and report.budget == 250
+        assert state["messages"][-1].usage_metadata["input_tokens"] == report.prompt_tokens <= 250
+        kept = state["messages"][-1 - report.kept_messages:-1]
+        _, turns = split_turns(kept)
+        assert isinstance(kept[0], HumanMessage) and all(isinstance(t[0], HumanMessage) for t in turns)
+        assert model.get_num_tokens_from_messages([SystemMessage("Be brief."), *kept]) == report.prompt_tokens
+    assert len(state["messages"]) == 24 and report.dropped_turns > 0
+    # the fewest turns were dropped: keeping one more (user + reply) would not have fit
+    end = len(state["messages"]) - 1
+    one_more = state["messages"][end - report.kept_messages - 2:end]
+    assert model.get_num_tokens_from_messages([SystemMessage("Be brief."), *one_more]) > 250
+
+
+def test_memory_middleware_never_exceeds_the_context() -> None:
+    from langchain_core.messages import AIMessage as AI
+    from langchain_local_llm_kit import ConversationMemoryMiddleware
+
+    model = fake_model("ok", temperature=0, max_tokens=20, n_ctx=200)
+    memory = ConversationMemoryMiddleware(max_tokens=10_000)  # larger than the context: the context rules
+    history: list[Any] = []
+    for turn in range(10):
+        history += [HumanMessage(f"message {turn} " * 3), AI("ok")]
+
+    class _Request:
+        def __init__(self, messages: list[Any]) -> None:
+            self.model, self.messages, self.system_message, self.tools, self.model_settings = (
+                model, messages, None, [], {})
+
+        def override(self, **kw: Any) -> Any:
+            return _Request(kw["messages"])
+
+    seen: list[int] = []
+
+    def handler(request: Any) -> Any:
+        seen.append(model.get_num_tokens_from_messages(request.messages))
+        return model.invoke(request.messages)
+
+    memory.wrap_model_call(_Request([*history, HumanMessage("last")]), handler)  # type: ignore[arg-type]
+    assert memory.last is not None and memory.last.budget == 200 - 20
+    assert seen[0] == memory.last.prompt_tokens <= 180
