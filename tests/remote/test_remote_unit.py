@@ -223,3 +223,15 @@ def test_environment(monkeypatch: pytest.MonkeyPatch, server: RunningServer) -> 
     monkeypatch.setenv("LOCAL_LLM_KIT_BASE_URL", server.base_url)
     monkeypatch.setenv("LOCAL_LLM_KIT_API_KEY", KEY)
     assert LLMClient().chat.completions.create(messages=Q).choices[0].message.content == REPLY
+
+
+def test_extra_body(client: LLMClient) -> None:
+    # One of our parameters: merged in and validated here, before sending.
+    with pytest.raises(InvalidRequestError) as ours:
+        client.chat.completions.create(messages=Q, extra_body={"temperature": 9})
+    assert ours.value.param == "temperature"
+    assert client.chat.completions.create(messages=Q, extra_body={"max_tokens": 3}).usage.completion_tokens == 3
+    # Not one of ours (vLLM's top_k, say): sent as given; this server refuses it, naming it.
+    with pytest.raises(InvalidRequestError) as theirs:
+        client.chat.completions.create(messages=Q, extra_body={"top_k": 5})
+    assert theirs.value.param == "top_k"
