@@ -16,6 +16,7 @@ def smol(cache_dir: Path) -> Iterator[LLMClient]:
     """The embedded SmolLM2 on llama.cpp, loaded once for the reliability suite."""
     client = LLMClient(MODEL, backend="llama.cpp", temperature=0, cache_dir=cache_dir).load()
     yield client
+    client.close()  # unloads the model unless other tests' clients still hold it
 
 
 @pytest.fixture(scope="session")
