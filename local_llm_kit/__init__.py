@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from local_llm_kit.client import AsyncLLMClient, LLMClient
+from local_llm_kit.engine import unload_all
 from local_llm_kit.errors import (
     BackendNotAvailableError,
     ClientClosedError,
@@ -23,7 +24,6 @@ from local_llm_kit.errors import (
     TemplateError,
     TokenLimitError,
 )
-from local_llm_kit.engine import unload_all
 from local_llm_kit.models import PACKAGED_MODELS
 from local_llm_kit.params import CompletionCreateParams, MessageParam
 from local_llm_kit.streaming import AsyncStream, Stream
