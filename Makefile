@@ -39,9 +39,9 @@ test-unit: install
 # The declared dependency floors, proven: a venv of its own where every direct dependency of the
 # package and of its transformers and server extras sits at the lowest version pyproject.toml
 # allows (uv's lowest-direct resolution), running the unit suite and the server's fake-model tests.
-# Not torch: torch==2.13.0 is the only CPU build here (any other spec pulls a multi-GB CUDA build)
-# and those tests need none; not llama-cpp-python either (minutes of compiling; its tests
-# importorskip it). The test tools then take whatever versions fit, moving no floor.
+# torch comes last, outside the resolution: torch==2.13.0 is the only CPU build here (any other spec
+# pulls a multi-GB CUDA build). Not llama-cpp-python (minutes of compiling; its tests importorskip
+# it). The test tools take whatever versions fit, moving no floor.
 FLOORS_VENV ?= build/venv-floors
 FLOORS_PY := $(FLOORS_VENV)/bin/python
 FLOORS_UV := $(FLOORS_VENV)/bin/uv --quiet pip
@@ -56,6 +56,9 @@ test-floors:
 	$(FLOORS_UV) freeze --python $(FLOORS_PY) --exclude-editable > $(FLOORS_VENV)/floors.txt
 	$(FLOORS_UV) install --python $(FLOORS_PY) --constraints $(FLOORS_VENV)/floors.txt pytest pytest-asyncio openai mypy
 	LOCAL_LLM_KIT_DEPENDENCY_FLOORS=1 $(FLOORS_PY) -m pytest -q tests/unit tests/server/test_server_unit.py
+	# then torch (it lifts typing-extensions to 4.10), for what transformers reads only with torch: GGUF files
+	$(FLOORS_PY) -m pip install --quiet torch==2.13.0
+	$(FLOORS_PY) -m pytest -q tests/unit/test_dependency_floors.py tests/unit/test_hf_convert.py tests/unit/test_templates.py
 
 lint: install
 	$(VENV)/bin/ruff check local_llm_kit tests benchmarks integrations

@@ -175,3 +175,40 @@ def test_every_module_the_core_imports_is_a_core_dependency() -> None:
             if not dists & core:
                 undeclared.setdefault(name, []).append(module)
     assert not undeclared, f"imported by core modules but not a core dependency: {undeclared}"
+
+
+def test_transformers_reads_a_gguf_tokenizer_without_adding_tokens(tmp_path: Path) -> None:
+    """The transformers backend converts the packaged GGUF models with ``AutoTokenizer.from_pretrained(
+    gguf_file=...)``. transformers 5.0 to 5.5.4 load a llama-architecture GGUF's BPE vocabulary as
+    CodeLlamaTokenizer and append five fill-in-the-middle tokens (SmolLM2: 49157 tokens for 49152
+    logits), which llguidance rejects ("vocab size too small") at the first structured request.
+    A tiny GGUF of the same kind reproduces it without weights. transformers needs torch to read
+    any GGUF file: ``make test-floors`` runs this in its second step, with torch."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", "ab", "Ġa"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))  # 3: control
+    writer.add_token_merges(["a b", "Ġ a"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name, local_files_only=True)
+    assert len(tokenizer) == len(tokens), sorted(set(tokenizer.get_vocab()) - set(tokens))
+    assert tokenizer.convert_tokens_to_ids(["<|im_end|>", "ab"]) == [2, 30]
