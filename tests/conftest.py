@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# llama.cpp and torch share libgomp, which reads this once, when the first of them loads (during
+# collection). The default spins waiting threads, which on a shared 2-core machine starved the
+# decoding thread (12 greedy tokens took 45-90 s instead of 3 s). Benchmarks set their own.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
