@@ -111,7 +111,8 @@ def coverage(client: LLMClient, corpus: list[tuple[str, Path, Any]]) -> tuple[di
 
 
 def run_backend(backend: str, model: str, corpus: list[tuple[str, Path, Any]], limit: int | None,
-                budgets: list[int], cache_dir: str | None, threads: int | None) -> dict[str, Any]:
+                budgets: list[int], cache_dir: str | None, threads: int | None,
+                progress: Any = None) -> dict[str, Any]:
     client = LLMClient(model, backend=backend, temperature=0, cache_dir=cache_dir, n_threads=threads).load()
     client.disable_memory()
     accepted, details = coverage(client, corpus)
@@ -135,9 +136,12 @@ def run_backend(backend: str, model: str, corpus: list[tuple[str, Path, Any]], l
                         runs[-1]["outcome"])
         per_budget.append({"max_tokens": max_tokens, "runs": runs, "seconds": time.perf_counter() - started,
                            "summary": summarize(runs)})
-    return {"backend": backend, "model": model, "schemas": len(corpus), "accepted": sum(accepted.values()),
-            "coverage": sum(accepted.values()) / len(corpus), "details": details, "schemas_run": len(chosen),
-            "budgets": per_budget}
+        result = {"backend": backend, "model": model, "schemas": len(corpus), "accepted": sum(accepted.values()),
+                  "coverage": sum(accepted.values()) / len(corpus), "details": details,
+                  "schemas_run": len(chosen), "budgets": per_budget}
+        if progress is not None:  # keep what is measured, budget by budget (long runs on a busy machine)
+            progress(result)
+    return result
 
 
 def json_run(client: LLMClient, key: str, schema: Any, max_tokens: int) -> dict[str, Any]:
@@ -246,20 +250,25 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     corpus = load_corpus(args.corpus)
-    results = []
-    for backend in args.backends:
-        result = run_backend(backend, args.model, corpus, args.limit, args.max_tokens, args.cache_dir,
-                             args.threads)
-        results.append({**result, "limit": args.limit, "threads": args.threads})
     # Backends not run this time keep their previous results (e.g. runs made separately).
+    kept: list[dict[str, Any]] = []
     previous = RESULTS / "jsonschemabench.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("model") == args.model:
-            ran = {r["backend"] for r in results}
-            results = [r for r in old.get("backends", []) if r["backend"] not in ran and "budgets" in r] + results
-    write_results("jsonschemabench", {"model": args.model, "backends": results},
-                  table_of(results, len(corpus), args.model))
+            kept = [r for r in old.get("backends", []) if r["backend"] not in args.backends and "budgets" in r]
+    results: list[dict[str, Any]] = []
+
+    def save(partial: dict[str, Any] | None = None) -> None:
+        current = results + ([{**partial, "limit": args.limit, "threads": args.threads}] if partial else [])
+        write_results("jsonschemabench", {"model": args.model, "backends": kept + current},
+                      table_of(kept + current, len(corpus), args.model))
+
+    for backend in args.backends:
+        result = run_backend(backend, args.model, corpus, args.limit, args.max_tokens, args.cache_dir,
+                             args.threads, progress=save)
+        results.append({**result, "limit": args.limit, "threads": args.threads})
+    save()
 
 
 if __name__ == "__main__":
