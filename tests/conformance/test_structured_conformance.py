@@ -1,12 +1,14 @@
 """Structured output and tool calls: the same guarantees on both backends, with the real packaged models.
 
-Every reply that ends with ``finish_reason == "stop"`` (or a tool-call reason) must parse and
-validate; a stream's deltas must add up to the non-streamed reply.
+Every reply parses and validates, whatever its ``finish_reason`` (a reply cut by ``max_tokens`` is
+closed by the grammar); a stream's deltas must add up to the non-streamed reply.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -78,12 +80,12 @@ def check_same(whole: Any, streamed: dict[str, Any]) -> None:
         assert streamed["function_call"] == [message.function_call.name, message.function_call.arguments]
 
 
-def check_calls(whole: Any) -> None:
+def check_calls(whole: Any, schemas: dict[str, Any] = SCHEMAS) -> None:
+    """Every call is complete and valid, whatever the finish."""
     choice = whole.choices[0]
     for call in choice.message.tool_calls or []:
         assert call.id.startswith("call_")
-        if choice.finish_reason == "tool_calls":
-            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
     if choice.message.tool_calls and choice.finish_reason != "length":
         assert choice.finish_reason == "tool_calls"
 
@@ -168,3 +170,77 @@ def test_gemma_json_and_calls(gemma: LLMClient) -> None:
     calls, streamed = run(gemma, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=60)
     check_same(calls, streamed)
     check_calls(calls)
+
+
+# -- valid at every finish, over the JSONSchemaBench corpus ----------------------------------------
+CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "jsonschemabench"
+BUDGETS = (32, 64, 128)
+# Schemas per (backend, model), sized to the suite's time budget on a 2-core CPU; each combination
+# takes a different slice, so together they cover more of the corpus (the benchmark runs it all).
+SAMPLE = {("llama.cpp", "smol"): 3, ("llama.cpp", "gemma"): 2, ("transformers", "smol"): 1,
+          ("transformers", "gemma"): 1}
+OFFSET = {("llama.cpp", "smol"): 0, ("llama.cpp", "gemma"): 1, ("transformers", "smol"): 2,
+          ("transformers", "gemma"): 3}
+
+
+def corpus(folder: str = "*") -> list[Path]:
+    """The corpus's schema files; a missing corpus fails (CI must not skip these tests)."""
+    assert CORPUS.is_dir(), f"the JSONSchemaBench corpus is missing: expected it at {CORPUS}"
+    paths = sorted(CORPUS.glob(f"{folder}/*.json"))
+    assert paths, f"no schemas under {CORPUS}/{folder}"
+    return paths
+
+
+def pick(paths: list[Path], backend: str, model: str) -> list[Path]:
+    count, offset = SAMPLE[(backend, model)], OFFSET[(backend, model)]
+    step = len(paths) // (count * 4)
+    return [paths[(offset + 4 * i) * step] for i in range(count)]
+
+
+def validate(text: str, schema: Any) -> None:
+    jsonschema.validators.validator_for(schema)(schema).validate(json.loads(text))
+
+
+@pytest.mark.parametrize("model", ["smol", "gemma"])
+def test_corpus_json_is_valid_at_every_budget(request: pytest.FixtureRequest, backend: str, model: str) -> None:
+    client = request.getfixturevalue(model)
+    reasons = []
+    for path in pick(corpus(), backend, model):
+        schema = json.loads(path.read_text())
+        fmt = {"type": "json_schema", "json_schema": {"name": "example", "schema": schema}}
+        for max_tokens in BUDGETS:
+            whole, streamed = run(client, messages=[{"role": "user", "content": "Write one example JSON document."}],
+                                  response_format=fmt, max_tokens=max_tokens)
+            check_same(whole, streamed)
+            choice = whole.choices[0]
+            assert whole.usage.completion_tokens <= max_tokens
+            text = choice.message.content or ""
+            if choice.message.schema_violations:  # a non-strict keyword the grammar could not enforce
+                json.loads(text)
+            else:
+                validate(text, schema)
+            reasons.append(choice.finish_reason)
+    # Both kinds of finish happen here, so both are proven valid (not only the replies that stopped).
+    assert "length" in reasons, reasons
+
+
+@pytest.mark.parametrize("model", ["smol", "gemma"])
+def test_corpus_forced_calls_are_valid_at_every_budget(request: pytest.FixtureRequest, backend: str,
+                                                       model: str) -> None:
+    client = request.getfixturevalue(model)
+    reasons = []
+    for path in pick(corpus("Glaiveai2K"), backend, model):
+        schema = json.loads(path.read_text())
+        name = re.sub(r"_[0-9a-f]{8}$", "", path.stem)
+        tools = [{"type": "function", "function": {"name": name, "parameters": schema}}]
+        for max_tokens in BUDGETS:
+            whole, streamed = run(client, messages=[{"role": "user", "content": f"Call {name}."}], tools=tools,
+                                  tool_choice={"type": "function", "function": {"name": name}},
+                                  max_tokens=max_tokens)
+            check_same(whole, streamed)
+            calls = whole.choices[0].message.tool_calls or []
+            assert [c.function.name for c in calls] == [name]  # named: exactly one call, always complete
+            if not whole.choices[0].message.schema_violations:
+                check_calls(whole, {name: schema})
+            reasons.append(whole.choices[0].finish_reason)
+    assert set(reasons) <= {"length", "tool_calls"}

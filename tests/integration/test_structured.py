@@ -84,7 +84,7 @@ def test_strict_rejects_what_it_cannot_enforce_naming_it(smol: LLMClient, corpus
 
 def test_jsonschemabench_sample_is_valid_at_every_finish(smol: LLMClient, corpus: Path) -> None:
     reasons = []
-    for _name, schema in corpus_sample(corpus, every=24):  # 10 schemas across the folders
+    for _name, schema in corpus_sample(corpus, every=48):  # 5 schemas across the folders
         fmt = {"type": "json_schema", "json_schema": {"name": "example", "schema": schema}}
         response = smol.chat.completions.create(
             messages=[{"role": "user", "content": "Write one realistic example JSON document."}],
@@ -95,12 +95,12 @@ def test_jsonschemabench_sample_is_valid_at_every_finish(smol: LLMClient, corpus
         else:
             validate(choice.message.content or "", schema)
         reasons.append(choice.finish_reason)
-    assert len(reasons) == 10 and "length" in reasons, reasons  # cut replies are proven valid too
+    assert len(reasons) == 5 and "length" in reasons, reasons  # cut replies are proven valid too
 
 
 def test_forced_calls_on_glaive_schemas_are_valid(smol: LLMClient, corpus: Path) -> None:
     count = 0
-    for path in sorted((corpus / "Glaiveai2K").glob("*.json"))[::24]:
+    for path in sorted((corpus / "Glaiveai2K").glob("*.json"))[::40]:
         schema = json.loads(path.read_text())
         name = re.sub(r"_[0-9a-f]{8}$", "", path.stem)
         tools = [{"type": "function", "function": {"name": name, "parameters": schema}}]
@@ -112,7 +112,7 @@ def test_forced_calls_on_glaive_schemas_are_valid(smol: LLMClient, corpus: Path)
         if not choice.message.schema_violations:
             validate(choice.message.tool_calls[0].function.arguments, schema)
         count += 1
-    assert count == 5
+    assert count == 3
 
 
 def test_unsupported_schema_names_the_reason(smol: LLMClient) -> None:
