@@ -71,4 +71,5 @@ def llama_cpp_llm(llk_cache_dir: str) -> LocalLLMKit:
 
 @pytest.fixture(scope="session")
 def transformers_llm(llk_cache_dir: str) -> LocalLLMKit:
-    return loaded(LocalLLMKit(backend="transformers", temperature=0, max_tokens=40, cache_dir=llk_cache_dir))
+    return loaded(LocalLLMKit(backend="transformers", temperature=0, max_tokens=40, n_threads=1,
+                              cache_dir=llk_cache_dir))
