@@ -36,6 +36,7 @@ _SEGMENT_CHECKS = 8
 # Recent renderings kept for incremental rendering, and how many incremental renderings are
 # checked against a whole rendering before the engine trusts its template with them.
 _RENDER_MEMO = 64
+_RENDER_LOOKBACK = 8
 _RENDER_CHECKS = 8
 
 
@@ -122,15 +123,17 @@ class Engine:
         while opening < len(messages) and messages[opening].get("role") == "system":
             opening += 1
         opening += 1  # and the first message after the system messages
+        # The known part is the conversation up to its last few messages (the previous turn:
+        # a reply, tool results, the new user message); looked up by hash, longest first.
+        best: tuple[int, str] | None = None
         with self._renders_lock:
-            best: tuple[int, str] | None = None
-            for (key_tools, key_frozen), rendered in reversed(self._renders.items()):
-                n = len(key_frozen)
-                if key_tools == tools_key and opening < n <= len(frozen) and frozen[:n] == key_frozen \
-                        and (best is None or n > best[0]):
+            for n in range(len(frozen), max(opening, len(frozen) - _RENDER_LOOKBACK), -1):
+                key = (tools_key, frozen[:n])
+                rendered = self._renders.get(key)
+                if rendered is not None:
+                    self._renders.move_to_end(key)
                     best = (n, rendered)
-            if best is not None:
-                self._renders.move_to_end((tools_key, frozen[:best[0]]))
+                    break
         if best is None:
             return None
         known, known_text = best
@@ -318,11 +321,13 @@ class Engine:
 
 
 def _freeze(message: Mapping[str, Any]) -> Any:
-    """An immutable snapshot of a message, compared to tell whether it was rendered before."""
+    """An immutable, hashable snapshot of a message, to tell whether it was rendered before."""
     items = tuple(message.items())
-    if all(isinstance(v, (str, int, float, bool, type(None))) for _, v in items):
-        return items
-    return json.dumps(message, sort_keys=True)
+    try:
+        hash(items)  # str, numbers, None: the common message; lists and dicts (tool calls) are not
+    except TypeError:
+        return json.dumps(message, sort_keys=True)
+    return items
 
 
 def _find_all(text: str, marker: str) -> Iterator[int]:
