@@ -16,6 +16,7 @@ import numpy as np
 
 from local_llm_kit.backends.base import Backend
 from local_llm_kit.sampling import Sampler, SamplingParams, log_softmax
+from local_llm_kit.slots import common_prefix_length as _common_prefix_length
 from local_llm_kit.text import IncrementalDecoder, StopStringMatcher
 from local_llm_kit.types import TokenLogprob, TopLogprob
 
@@ -84,11 +85,8 @@ class Finished:
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    # Compared in C-level slices: a warm turn compares thousands of cached tokens with the prompt.
+    return _common_prefix_length(a, b)
 
 
 def prefill(backend: Backend, prompt: Sequence[int]) -> np.ndarray:
