@@ -181,9 +181,10 @@ def test_transformers_reads_a_gguf_tokenizer_without_adding_tokens(tmp_path: Pat
     """The transformers backend converts the packaged GGUF models with ``AutoTokenizer.from_pretrained(
     gguf_file=...)``. transformers 5.0 to 5.5.4 load a llama-architecture GGUF's BPE vocabulary as
     CodeLlamaTokenizer and append five fill-in-the-middle tokens (SmolLM2: 49157 tokens for 49152
-    logits), which llguidance rejects ("vocab size too small") at the first structured request.
-    A tiny GGUF of the same kind reproduces it without weights. transformers needs torch to read
-    any GGUF file: ``make test-floors`` runs this in its second step, with torch."""
+    logits), which llguidance rejects ("vocab size too small") at the first structured request;
+    up to 5.17.0 the tokenizer's eos_token is the GGUF's bos token. A tiny GGUF of the same kind
+    reproduces both without weights. transformers needs torch to read any GGUF file: ``make
+    test-floors`` runs this in its second step, with torch."""
     gguf = pytest.importorskip("gguf")
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -212,3 +213,4 @@ def test_transformers_reads_a_gguf_tokenizer_without_adding_tokens(tmp_path: Pat
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name, local_files_only=True)
     assert len(tokenizer) == len(tokens), sorted(set(tokenizer.get_vocab()) - set(tokens))
     assert tokenizer.convert_tokens_to_ids(["<|im_end|>", "ab"]) == [2, 30]
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")  # 5.17.0: both <|im_start|>
