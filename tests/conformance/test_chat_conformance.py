@@ -93,7 +93,7 @@ def test_kv_reuse_gives_the_same_greedy_output_as_a_cold_prompt(smol: LLMClient,
         history += [{"role": "assistant", "content": first.choices[0].message.content},
                     {"role": "user", "content": "And the sun?"}]
         warm = client.chat.completions.create(messages=history, max_tokens=24)
-        client.engine.backend.truncate_cache(0)
+        client.engine.backend.clear_cache()  # every KV-cache slot
         cold = client.chat.completions.create(messages=history, max_tokens=24)
         assert warm.choices[0].message.content == cold.choices[0].message.content
         assert warm.usage == cold.usage
@@ -108,7 +108,7 @@ def test_memory_across_turns_matches_explicit_history(smol: LLMClient) -> None:
                     {"role": "assistant", "content": a.choices[0].message.content},
                     {"role": "user", "content": "What is my name?"}]
         assert b.usage.prompt_tokens == smol.count_tokens(explicit)
-        smol.engine.backend.truncate_cache(0)
+        smol.engine.backend.clear_cache()  # every KV-cache slot
         c = smol.chat.completions.create(messages=explicit, max_tokens=16)
         assert b.choices[0].message.content == c.choices[0].message.content
     finally:
