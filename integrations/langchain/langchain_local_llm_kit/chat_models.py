@@ -527,6 +527,9 @@ def _derive(source: Any, cls: type[_ClientT]) -> _ClientT:
     whose engine is not in that registry (``local_llm_kit.testing.fake_client``).
     """
     s = source.settings
+    if s.base_url is not None:  # backend="openai": the same server and model
+        return cls(source._explicit_model, backend=s.backend, base_url=s.base_url, api_key=s.api_key,
+                   context_length=s.context_length, temperature=s.temperature, top_p=s.top_p)
     derived = cls(source._explicit_model, model_path=s.model_path, backend=s.backend,
                   context_length=s.context_length, temperature=s.temperature, top_p=s.top_p,
                   cache_dir=s.cache_dir, n_threads=s.n_threads, dtype=s.dtype, device=s.device)

@@ -389,3 +389,12 @@ def test_memory_middleware_never_exceeds_the_context() -> None:
     memory.wrap_model_call(_Request([*history, HumanMessage("last")]), handler)  # type: ignore[arg-type]
     assert memory.last is not None and memory.last.budget == 200 - 20
     assert seen[0] == memory.last.prompt_tokens <= 180
+
+
+def test_the_async_client_of_a_remote_model_talks_to_the_same_server() -> None:
+    remote = LLMClient("served-model", backend="openai", base_url="http://127.0.0.1:9/v1", api_key="secret")
+    model = ChatLocalLLMKit(client=remote)
+    derived = model.aclient
+    assert derived.settings.backend == "openai"
+    assert (derived.settings.base_url, derived.settings.api_key) == ("http://127.0.0.1:9/v1", "secret")
+    assert derived.model == "served-model"
