@@ -109,12 +109,12 @@ def request_path(model: str, backend: str, threads: int | None) -> dict[str, Any
     clock = ForwardClock(client)
     boundaries = engine._boundaries
     out: dict[str, Any] = {}
+    turn = [0]
     for target in PATH_TARGETS:
         history = grow(client, "Ada", target)
         client.enable_memory(max_tokens=8000)
         client.clear_memory()
         client.add_to_memory(history)
-        turn = [0]
 
         def warm_turn(incremental: bool) -> dict[str, float]:
             engine._boundaries = boundaries if incremental else ()
