@@ -63,6 +63,8 @@ test-floors:
 lint: install
 	$(VENV)/bin/ruff check local_llm_kit tests benchmarks integrations
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy integrations/langchain/langchain_local_llm_kit
+	cd integrations/llama_index && $(abspath $(VENV))/bin/mypy
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -127,7 +127,7 @@ def full_mask_times(client: LLMClient, grammar: str, text: str) -> list[float]:
     return times
 
 
-CORPUS = Path("/work/shared/data/jsonschemabench")
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jsonschemabench"  # <repo>/../shared
 
 
 def compile_times(client: LLMClient) -> dict[str, float]:

@@ -126,7 +126,7 @@ class LLMContractTests:
 
     @pytest.fixture
     def llm(self) -> LLM:
-        raise NotImplementedError("subclass LLMContractTests and provide an `llm` fixture")
+        pytest.fail("subclass LLMContractTests and override its `llm` fixture with the LLM under test")
 
     @pytest.fixture
     def tools(self) -> list[FunctionTool]:
