@@ -279,7 +279,10 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
         if unknown:
             raise InvalidRequestError(f"stream_options has unsupported keys {sorted(unknown)}",
                                       param="stream_options")
-        include_usage = bool(options.get("include_usage", False))
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise InvalidRequestError("stream_options.include_usage must be a boolean",
+                                      param="stream_options.include_usage")
 
     logprobs = args.get("logprobs") or False
     if not isinstance(logprobs, bool):

@@ -143,3 +143,9 @@ def test_count_tokens_equals_prompt_tokens_for_every_prompt_changing_argument(kw
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
     reply = client.chat.completions.create(messages=messages, max_tokens=200, **kwargs)
     assert client.count_tokens(messages, **kwargs) == reply.usage.prompt_tokens
+
+
+def test_stream_options_include_usage_must_be_a_boolean(client: LLMClient) -> None:
+    _raises(client, "stream_options.include_usage", stream=True, stream_options={"include_usage": "yes"})
+    chunks = list(client.chat.completions.create(messages=HI, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
