@@ -56,12 +56,17 @@ class Closer:
                     continue
                 within = -4 * len(core) + len(lead)  # most closing, then shortest
                 quoted = core[0] == ord('"')
-                rank(lead + core, (0 if quoted else 1, within), (3 if quoted else 0, within))
+                rank(lead + core, (0 if quoted else 1, within), (4 if quoted else 0, within))
+            # Outside a string a comma ends the value being written and moves on to the next required
+            # key or item. It must come before the small values: after a digit, ``0`` is allowed too and
+            # extends the number forever (Gemma's ``,`` has a higher id than ``e``, so ranking it as any
+            # other character sent the search into an endless exponent).
+            rank(lead + b",", (5, len(lead)), (1, len(lead)))
             for i, core in enumerate(_SMALL_VALUES):
                 tier = 3 if core == b'"' else 2
-                rank(lead + core, (tier, i * 2 + len(lead)), (tier if tier == 3 else 1, i * 2 + len(lead)))
+                rank(lead + core, (tier, i * 2 + len(lead)), (4 if tier == 3 else 2, i * 2 + len(lead)))
             for char in range(0x20, 0x7F):  # single characters: short, unlikely to open anything new
-                rank(lead + bytes([char]), (4, len(lead)), (4, len(lead)))
+                rank(lead + bytes([char]), (5, 2 * char + len(lead)), (5, 2 * char + len(lead)))
         self.tops = tuple([t for t, _ in sorted(table.items(), key=lambda kv: (kv[1], kv[0]))]
                           for table in (inside, outside))
         self.vocab = tokenizer.vocab_size

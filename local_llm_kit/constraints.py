@@ -223,25 +223,55 @@ class CompiledGrammar:
         self.grammar = grammar
         self.compile_seconds = compile_seconds
         self._prototype = matcher
-        self._min_tokens: dict[tuple[int, frozenset[int]], int | None] = {}
+        self._shortest: dict[tuple[int, frozenset[int]], tuple[int, ...] | None] = {}
+        self._narrower: tuple[CompiledGrammar, ...] = ()
         self._lock = threading.Lock()
 
     def matcher(self) -> llguidance.LLMatcher:
         """A matcher at the grammar's start (a copy of the compiled prototype, ~5 µs)."""
         return self._prototype.deep_copy()
 
-    def min_tokens(self, n_vocab: int, eos_token_ids: Collection[int]) -> int | None:
-        """Tokens of the shortest reply found that the grammar accepts (None: none found); cached."""
+    def add_narrower(self, grammars: Sequence[CompiledGrammar]) -> None:
+        """Grammars whose every reply this one accepts too (one call of one tool, for a grammar of
+        several tools and calls): their shortest replies are candidates for this one's.
+
+        The closing search is greedy: where the grammar offers a choice (which tool to call) it takes
+        the first by its ranking, not the one that ends soonest. Searching each alternative alone
+        finds the shortest one call, which is both the ``max_tokens`` check's minimum and the path the
+        budget-aware closing steers to. Set once per grammar text (the same text gets the same list)."""
+        with self._lock:
+            if not self._narrower:
+                self._narrower = tuple(grammars)
+                self._shortest.clear()
+
+    def shortest_reply(self, n_vocab: int, eos_token_ids: Collection[int]) -> tuple[int, ...] | None:
+        """The tokens of the shortest reply found that the grammar accepts (None: none found); cached."""
         excluded = frozenset(eos_token_ids) | frozenset(self.tokenizer.eos_tokens)
         key = (n_vocab, excluded)
         with self._lock:
-            if key in self._min_tokens:
-                return self._min_tokens[key]
-        path = closer_for(self.tokenizer).complete(self._prototype, excluded, min(n_vocab, self.tokenizer.vocab_size))
-        result = None if path is None else len(path)
+            if key in self._shortest:
+                return self._shortest[key]
+            narrower = self._narrower
+        closer = closer_for(self.tokenizer)
+        limit = min(n_vocab, self.tokenizer.vocab_size)
+        found = closer.complete(self._prototype, excluded, limit)
+        candidates = [] if found is None else [tuple(found)]
+        end = self.tokenizer.eos_tokens[0]
+        for grammar in narrower:
+            path = grammar.shortest_reply(n_vocab, eos_token_ids)
+            # Accepted here too (it should be by construction; checked, since a wrong path would be
+            # steered to): the path, then an end token, which only an accepting state allows.
+            if path is not None and self._prototype.validate_tokens([*path, end]) == len(path) + 1:
+                candidates.append(path)
+        result = min(candidates, key=len) if candidates else None
         with self._lock:
-            self._min_tokens[key] = result
+            self._shortest[key] = result
         return result
+
+    def min_tokens(self, n_vocab: int, eos_token_ids: Collection[int]) -> int | None:
+        """Tokens of the shortest reply found that the grammar accepts (None: none found); cached."""
+        path = self.shortest_reply(n_vocab, eos_token_ids)
+        return None if path is None else len(path)
 
 
 class GrammarCache:
@@ -362,7 +392,11 @@ class GrammarConstraint:
         self._known = 0
         self._stale = _REFRESH
         self._trial: tuple[int, list[int], list[int]] | None = None
-        self._shortest = compiled.min_tokens(n_vocab, eos_token_ids) or 0
+        shortest = compiled.shortest_reply(n_vocab, eos_token_ids)
+        self._shortest = 0 if shortest is None else len(shortest)
+        if shortest is not None:  # the first completion to steer to (it may take a branch the greedy search does not)
+            self._path, self._last_path = list(shortest), list(shortest)
+            self._known, self._stale = len(shortest), 0
         self._grammar_eos = compiled.tokenizer.eos_tokens[0]
 
     def _take_forced(self) -> list[int]:

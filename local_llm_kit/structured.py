@@ -273,6 +273,15 @@ def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
                 content=content, parallel=plan.max_calls > 1, max_calls=plan.max_calls,
                 content_schema=content_check.grammar_schema if content_check is not None else None)
             grammar = grammar_cache.compile(tokenizer, lark, param="functions" if plan.legacy else "tools")
+            tools = plan.callable_tools
+            if content != "forbid" and (plan.max_calls > 1 or len(tools) > 1):
+                # The shortest reply is one call of one tool (the grammar may end after any call):
+                # each single call is searched alone, so the budget check and the closing use the
+                # shortest of them, not the first the greedy search meets.
+                grammar.add_narrower([grammar_cache.compile(
+                    tokenizer, tool_call_grammar([(t.name, call_checks[t.name].grammar_schema)], syntax,
+                                                 content="none", parallel=False), param=f"{t.param}.parameters")
+                    for t in tools])
     if grammar is not None and request.max_tokens is not None:
         _check_budget(engine, grammar, request.max_tokens)
     return StructuredOutput(engine, fmt=fmt, plan=plan, json_spec=json_spec, grammar=grammar,

@@ -146,6 +146,39 @@ def test_parallel_calls_are_bounded() -> None:
     assert response.usage.completion_tokens < 2000
 
 
+TIME_CALL = '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>'
+SHORTEST_CALL = '<tool_call>{"name": "get_time", "arguments": {"tz": ""}}</tool_call>'  # 68 bytes
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_the_shortest_reply_of_a_tool_set_is_its_shortest_single_call(parallel: bool) -> None:
+    # The search used to estimate the first call it met (book_trip, 89 tokens; before that, eight
+    # calls in a row with parallel calls: 8 x 30 tokens for LangChain's ``add``); the grammar may
+    # end after any one call, so the minimum is the shortest one (get_time, 68).
+    with pytest.raises(InvalidRequestError, match=f"takes {len(SHORTEST_CALL)} tokens"):
+        create(TIME_CALL, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+               max_tokens=len(SHORTEST_CALL) - 1)
+    # 80 holds one get_time call but not the estimate of 89: the request runs and returns one whole call.
+    response = create(TIME_CALL * 5, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+                      max_tokens=80)
+    choice = response.choices[0]
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("get_time", '{"tz": "UTC"}')]
+    assert choice.finish_reason == ("length" if parallel else "tool_calls")  # cut before a second call
+    assert streamed(TIME_CALL * 5, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+                    max_tokens=80)[1:3] == ([["get_time", '{"tz": "UTC"}']], choice.finish_reason)
+
+
+def test_a_budget_that_holds_only_the_shortest_call_steers_to_it() -> None:
+    # The model wants book_trip, which cannot fit: the closing takes the tool whose call does.
+    for max_tokens in (len(SHORTEST_CALL), 75):
+        response = create(LOOPING_CALL, tools=TOOLS, tool_choice="required", max_tokens=max_tokens)
+        calls = response.choices[0].message.tool_calls
+        assert [c.function.name for c in calls] == ["get_time"]
+        assert isinstance(json.loads(calls[0].function.arguments)["tz"], str)
+        assert response.choices[0].finish_reason == "length"
+
+
 def test_calls_after_the_first_are_completed_or_not_started() -> None:
     for max_tokens in range(89, 260, 9):
         response = create(ONE_CALL + LOOPING_CALL, tools=TOOLS, tool_choice="required", max_tokens=max_tokens)

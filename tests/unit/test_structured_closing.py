@@ -1,0 +1,121 @@
+"""Closing a structure from any state (closing.Closer and GrammarConstraint.fit), on scripted models.
+
+The decode loop is mimicked token by token (check, mask, fit, consume) with a "model" that proposes
+the next token of a script, so each test states exactly what the model keeps writing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jsonschema
+import llguidance
+import llguidance.numpy as llg_numpy
+import pytest
+
+from local_llm_kit.constraints import GrammarCache, GrammarConstraint, json_schema_grammar
+
+# A byte-level vocabulary in which letters and digits have lower ids than punctuation, as in
+# Gemma's (``e`` is 236744 there, ``,`` 236764); the fake backend's vocabulary is in byte order.
+GEMMA_ORDER = sorted(range(256), key=lambda b: (not chr(b).isalnum(), b))
+END = 256
+
+
+class _Vocab:
+    eos_token_id = END
+    bos_token_id = None
+    tokens: ClassVar[list[bytes]] = [bytes([b]) for b in GEMMA_ORDER] + [b"\xff<|end|>"]
+    special_token_ids: ClassVar[list[int]] = [END]
+    _ids: ClassVar[dict[int, int]] = {b: i for i, b in enumerate(GEMMA_ORDER)}
+
+    def __call__(self, text: bytes) -> list[int]:
+        return [self._ids[b] for b in text]
+
+
+TOKENIZER = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab()))
+N_VOCAB = 257
+SALARY = {  # calculate_gross_salary from the JSONSchemaBench corpus (Glaiveai2K)
+    "type": "object", "required": ["basic_salary", "allowances"],
+    "properties": {"allowances": {"type": "object", "required": ["housing_allowance", "transport_allowance"],
+                                  "properties": {"housing_allowance": {"type": "number"},
+                                                 "transport_allowance": {"type": "number"}}},
+                   "basic_salary": {"type": "number"}}}
+
+
+def ids(text: str) -> list[int]:
+    return _Vocab()(text.encode())
+
+
+def text_of(tokens: list[int]) -> str:
+    return bytes(GEMMA_ORDER[t] for t in tokens if t != END).decode()
+
+
+def grammar(schema: Any) -> Any:
+    return GrammarCache().compile(TOKENIZER, json_schema_grammar(schema), param="response_format")
+
+
+def decode(schema: Any, propose: Callable[[str], str], max_tokens: int) -> tuple[str, str]:
+    """The decode loop's constraint calls, with a model that proposes the first byte ``propose(text)``
+    returns (a byte the grammar rejects is replaced by the lowest allowed id, as a masked argmax of
+    equal logits would). Returns the text and the finish reason."""
+    c = GrammarConstraint(grammar(schema), N_VOCAB, {END})
+    bitmask = llg_numpy.allocate_token_bitmask(1, N_VOCAB)
+    out: list[int] = []
+    steered = False  # a reply steered to its end was cut, however it ends
+    while True:
+        remaining = max_tokens - len(out)
+        if remaining <= 0:
+            return text_of(out), "length"
+        wanted = propose(text_of(out))
+        token = ids(wanted[:1])[0] if wanted else END
+        if not c.allows(token):
+            llg_numpy.fill_next_token_bitmask(c._matcher, bitmask)
+            token = next(t for t in range(N_VOCAB) if (int(bitmask[0][t >> 5]) >> (t & 31)) & 1)
+        fitted = c.fit(token, remaining)
+        if fitted is None:
+            return text_of(out), "length"
+        steered = steered or fitted != token
+        if fitted == END:
+            return text_of(out), "length" if steered else "stop"
+        out.append(fitted)
+        out += c.consume(fitted)
+        if c.is_complete():
+            return text_of(out), "length" if steered else "stop"
+
+
+def scripted(script: str) -> Callable[[str], str]:
+    """A model that writes ``script`` while the reply follows it, then nothing more (end of turn)."""
+    return lambda text: script[len(text):] if script.startswith(text) else ""
+
+
+def test_the_shortest_reply_is_found_when_punctuation_has_high_ids() -> None:
+    # The search used to rank ``,`` as any other character, by id: after a digit it took ``e`` and
+    # then wrote exponent digits forever, so no completion (and no minimum) was found.
+    assert grammar(SALARY).min_tokens(N_VOCAB, {END}) == len(
+        '{"allowances": {"housing_allowance": 0, "transport_allowance": 0}, "basic_salary": 0}')
+
+
+@pytest.mark.parametrize("max_tokens", [85, 90, 128])  # 85: the shortest reply (one byte a token)
+def test_a_number_the_model_keeps_extending_is_closed(max_tokens: int) -> None:
+    # Seen on Gemma 3 (llama.cpp) at max_tokens 32:
+    # '{"allowances": {"housing_allowance": 100000000000000000000' with finish "length".
+    script = '{"allowances": {"housing_allowance": 1' + "0" * 1000
+    text, reason = decode(SALARY, scripted(script), max_tokens)
+    assert reason == "length" and len(ids(text)) <= max_tokens
+    value = json.loads(text)
+    jsonschema.validate(value, SALARY)
+    if max_tokens > 85:  # with room to spare, the model's own number is kept, then closed
+        assert str(int(value["allowances"]["housing_allowance"])).startswith("1000")
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": {"type": "number"}, "minItems": 3},
+    {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "integer"}}, "required": ["x", "y"]},
+])
+def test_numbers_inside_arrays_and_objects_are_closed(schema: Any) -> None:
+    script = ("[1.5, 2" if schema["type"] == "array" else '{"x": 2.5e1') + "0" * 1000
+    text, reason = decode(schema, scripted(script), 40)
+    assert reason == "length"
+    jsonschema.validate(json.loads(text), schema)
