@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
 _T = TypeVar("_T")
+_C = TypeVar("_C", bound="_BaseClient")
 
 # Parameters of OpenAI's API (and its Python client) that a local model cannot honour.
 # Passing one with a value other than None raises instead of being dropped.
@@ -101,6 +103,31 @@ def _check_passthrough(params: dict[str, Any]) -> None:
                                   param="metadata")
 
 
+class _Shared:
+    """What a client shares with the clients made from it by ``as_async()`` / ``as_sync()``.
+
+    One hold on the loaded engine for them all: it is attached once and detached when the last
+    of them closes (then the usual rule applies: the last holder of a model unloads it). One
+    conversation memory: enabling, adding to, clearing or disabling it on one is seen by all, and
+    its tokens are counted by whichever of them is still open.
+    """
+
+    def __init__(self, first: _BaseClient) -> None:
+        self.lock = threading.Lock()
+        self.engine: Engine | None = None
+        self.memory: ConversationMemory | None = None
+        self.open = 1  # open clients sharing this (see _BaseClient._close)
+        self.clients: list[weakref.ref[_BaseClient]] = [weakref.ref(first)]
+
+    def count_history(self, messages: Sequence[dict[str, Any]]) -> int:
+        """The memory's token counter: counted by the first client still open."""
+        for ref in list(self.clients):
+            client = ref()
+            if client is not None and not client.closed:
+                return client._count_history(messages)
+        raise ClientClosedError("every client sharing this memory is closed; create a new client")
+
+
 class _BaseClient:
     def __init__(
         self,
@@ -134,10 +161,8 @@ class _BaseClient:
         )
         self._explicit_model = model
         self._resolved: ResolvedModel | None = None
-        self._engine: Engine | None = None
-        self._load_lock = threading.Lock()
+        self._shared = _Shared(self)
         self._closed = False
-        self._memory: ConversationMemory | None = None
         # backend="openai": requests go to an OpenAI-compatible server (local_llm_kit.remote).
         self._remote: RemoteEndpoint | None = None
         if self.settings.backend == REMOTE_BACKEND:
@@ -182,30 +207,76 @@ class _BaseClient:
         if self._remote is not None:
             raise InvalidRequestError(f"backend='openai' runs the model on the server at {self._remote.base_url}: "
                                       "there is no local engine", param="backend")
-        engine = self._engine
-        if engine is None or engine.closed:
-            with self._load_lock:
+        shared = self._shared
+        engine = shared.engine
+        if self._closed or engine is None or engine.closed:
+            with shared.lock:
                 if self._closed:
                     raise ClientClosedError("this client is closed; create a new client to send requests")
-                if self._engine is None or self._engine.closed:
-                    self._engine = get_engine(self.resolved_model, self.settings.backend, self.options,
-                                              attach=True)
-                engine = self._engine
+                if shared.engine is None or shared.engine.closed:
+                    shared.engine = get_engine(self.resolved_model, self.settings.backend, self.options,
+                                               attach=True)
+                engine = shared.engine
         return engine
+
+    # The engine and the memory live in self._shared (see as_async()); these keep their old names.
+    @property
+    def _engine(self) -> Engine | None:
+        return self._shared.engine
+
+    @_engine.setter
+    def _engine(self, engine: Engine | None) -> None:
+        self._shared.engine = engine
+
+    @property
+    def _memory(self) -> ConversationMemory | None:
+        return self._shared.memory
+
+    @_memory.setter
+    def _memory(self, memory: ConversationMemory | None) -> None:
+        self._shared.memory = memory
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def _close(self) -> None:
-        """Let go of the model: the last open client of a model unloads it. Idempotent."""
-        with self._load_lock:
-            engine, self._engine = self._engine, None
-            self._closed = True
+        """Let go of the model: the last open client of a model unloads it. Idempotent.
+
+        Clients made by ``as_async()`` / ``as_sync()`` hold the engine together: the last of them
+        to close lets go of it.
+        """
+        shared, engine = self._shared, None
+        with shared.lock:
+            if not self._closed:
+                self._closed = True
+                shared.open -= 1
+                if not shared.open:
+                    engine, shared.engine = shared.engine, None
         if engine is not None:
             detach(engine)
         if self._remote is not None:
             self._remote.close()
+
+    def _sibling(self, cls: type[_C]) -> _C:
+        """A client of class ``cls`` sharing this one's settings, engine hold and memory (see _Shared)."""
+        sibling = cls.__new__(cls)
+        with self._shared.lock:
+            if self._closed:
+                raise ClientClosedError("this client is closed; create a new client")
+            # Every attribute (settings, resolved model, the _Shared...) is this client's; then
+            # what each client owns alone: its open state, its connections, its chat resource.
+            sibling.__dict__.update(self.__dict__)
+            sibling._closed = False
+            sibling._remote = self._remote.copy() if self._remote is not None else None
+            self._shared.open += 1
+            alive = [ref for ref in self._shared.clients if ref() is not None]
+            self._shared.clients = [*alive, weakref.ref(sibling)]
+        sibling._open_chat()
+        return sibling
+
+    def _open_chat(self) -> None:
+        raise NotImplementedError
 
     def _engine_for(self, model: str | None) -> Engine:
         if model is not None and not isinstance(model, str):  # checked here: it picks the weights
@@ -238,9 +309,9 @@ class _BaseClient:
         Enabling again changes the budget and keeps what is remembered (trimmed to it).
         """
         if self._memory is None:
-            self._memory = ConversationMemory(max_tokens, self._count_history)
+            self._memory = ConversationMemory(max_tokens, self._shared.count_history)
         else:
-            self._memory.max_tokens = ConversationMemory(max_tokens, self._count_history).max_tokens
+            self._memory.max_tokens = ConversationMemory(max_tokens, self._shared.count_history).max_tokens
             self._memory.replace(self._memory.messages)
 
     def disable_memory(self) -> None:
@@ -275,7 +346,7 @@ class _BaseClient:
         max_tokens, raw = ConversationMemory.read(path)
         messages = normalize_messages(raw, param="memory")
         if self._memory is None:
-            self._memory = ConversationMemory(max_tokens, self._count_history)
+            self._memory = ConversationMemory(max_tokens, self._shared.count_history)
         self._memory.replace(messages)
 
     def _require_memory(self, method: str) -> ConversationMemory:
@@ -545,12 +616,27 @@ class LLMClient(_BaseClient):
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        self._open_chat()
+
+    def _open_chat(self) -> None:
         if self._remote is not None:
             from local_llm_kit.remote import RemoteCompletions
 
             self.chat = Chat(RemoteCompletions(self, self._remote))
         else:
             self.chat = Chat(Completions(self))
+
+    def as_async(self) -> AsyncLLMClient:
+        """An :class:`AsyncLLMClient` over the same model: for code that needs both interfaces.
+
+        It has this client's settings and shares with it the loaded engine (one model in memory,
+        one lease, so their generations queue as any two clients' do) and the conversation
+        memory (one conversation: what either remembers, the other sends). With
+        ``backend="openai"`` it talks to the same server with the same key, timeout and retries,
+        over connections of its own. Each client closes only itself; the engine is let go of
+        when the last of them closes, and until then the other keeps working.
+        """
+        return self._sibling(AsyncLLMClient)
 
     def load(self) -> LLMClient:
         """Load the weights now instead of on first use (``backend="openai"``: reach the server)."""
@@ -577,12 +663,19 @@ class AsyncLLMClient(_BaseClient):
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        self._open_chat()
+
+    def _open_chat(self) -> None:
         if self._remote is not None:
             from local_llm_kit.remote import AsyncRemoteCompletions
 
             self.chat = AsyncChat(AsyncRemoteCompletions(self, self._remote))
         else:
             self.chat = AsyncChat(AsyncCompletions(self))
+
+    def as_sync(self) -> LLMClient:
+        """An :class:`LLMClient` over the same model, engine and memory (see :meth:`LLMClient.as_async`)."""
+        return self._sibling(LLMClient)
 
     async def load(self) -> AsyncLLMClient:
         await asyncio.to_thread(lambda: self.model if self._remote is not None else self.engine)

@@ -48,14 +48,21 @@ class RemoteEndpoint:
         self.root_url = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
         self.timeout = float(timeout) if timeout is not None else DEFAULT_TIMEOUT_S
         self.max_retries = max_retries
+        self._api_key = api_key
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http: httpx.Client = httpx.Client(timeout=self.timeout, headers=self._headers)
         self._async: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
-        self._explicit_model = model
         self._model: str | None = model
         self._model_lock = threading.Lock()
         self._tokenize_supported: bool | None = None
         self.closed = False
+
+    def copy(self) -> RemoteEndpoint:
+        """The same server, key, model, timeout and retries, over connections of its own."""
+        other = RemoteEndpoint(self.base_url, api_key=self._api_key, model=self._model, timeout=self.timeout,
+                               max_retries=self.max_retries)
+        other._tokenize_supported = self._tokenize_supported
+        return other
 
     # -- model --------------------------------------------------------------------------------
     @property

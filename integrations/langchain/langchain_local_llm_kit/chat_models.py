@@ -49,7 +49,6 @@ _REQUEST_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "presence_penal
                    "logit_bias", "logprobs", "top_logprobs", "n")
 
 _T = TypeVar("_T")
-_ClientT = TypeVar("_ClientT", LLMClient, AsyncLLMClient)
 
 
 def _is_pydantic_class(obj: Any) -> bool:
@@ -179,7 +178,7 @@ class ChatLocalLLMKit(BaseChatModel):
     @property
     def sync_client(self) -> LLMClient:
         if self.client is None:
-            self.client = _derive(self.async_client, LLMClient)
+            self.client = cast(AsyncLLMClient, self.async_client).as_sync()
         return cast(LLMClient, self.client)
 
     @property
@@ -188,7 +187,7 @@ class ChatLocalLLMKit(BaseChatModel):
         if self.async_client is None:
             with self._async_lock:
                 if self.async_client is None:
-                    self.async_client = _derive(self.client, AsyncLLMClient)
+                    self.async_client = cast(LLMClient, self.client).as_async()
         return cast(AsyncLLMClient, self.async_client)
 
     # -- LangChain metadata ------------------------------------------------------------------
@@ -517,23 +516,3 @@ def _tool_choice(choice: dict[str, Any] | str | bool, names: list[str]) -> dict[
             raise ValueError(f"tool_choice names {name!r}, which is not a bound tool {names}")
         return dict(choice)
     raise ValueError(f"tool_choice must be a string, a bool or an OpenAI dict, got {type(choice).__name__}")
-
-
-def _derive(source: Any, cls: type[_ClientT]) -> _ClientT:
-    """A client of class ``cls`` over the same model as ``source`` (sync <-> async).
-
-    The core shares engines per (backend, file, options), so the new client finds the model
-    ``source`` loaded. ``source``'s already-loaded engine is handed over as well, for clients
-    whose engine is not in that registry (``local_llm_kit.testing.fake_client``).
-    """
-    s = source.settings
-    if s.base_url is not None:  # backend="openai": the same server and model
-        return cls(source._explicit_model, backend=s.backend, base_url=s.base_url, api_key=s.api_key,
-                   context_length=s.context_length, temperature=s.temperature, top_p=s.top_p)
-    derived = cls(source._explicit_model, model_path=s.model_path, backend=s.backend,
-                  context_length=s.context_length, temperature=s.temperature, top_p=s.top_p,
-                  cache_dir=s.cache_dir, n_threads=s.n_threads, dtype=s.dtype, device=s.device)
-    if source._engine is not None:
-        derived._resolved = source._resolved
-        derived._engine = source._engine
-    return derived

@@ -59,7 +59,7 @@ class LocalLLMKit(FunctionCallingLLM):
     """A local model (llama.cpp or transformers, in-process) as a LlamaIndex function-calling LLM.
 
     Either give the client's settings as fields, or an existing client: ``LocalLLMKit(client=c)``
-    (plus ``async_client=`` when ``c``'s engine cannot be re-opened by path, as with test fakes).
+    (the async client is then ``c.as_async()``, over the same loaded model; or pass both).
     The client is created on first use; clients of the same weights and settings share one
     loaded model, so many ``LocalLLMKit`` instances cost one model's memory.
     """
@@ -116,7 +116,7 @@ class LocalLLMKit(FunctionCallingLLM):
     def client(self) -> LLMClient:
         """The synchronous client (created on first use; the model loads on its first call)."""
         if self._client is None:
-            self._client = self._derive(LLMClient) if self._async_client is not None else \
+            self._client = self._async_client.as_sync() if self._async_client is not None else \
                 LLMClient(**self._settings_kwargs())
         return self._client
 
@@ -124,23 +124,9 @@ class LocalLLMKit(FunctionCallingLLM):
     def async_client(self) -> AsyncLLMClient:
         """The asyncio client: same weights, so the same loaded engine as :attr:`client`."""
         if self._async_client is None:
-            self._async_client = self._derive(AsyncLLMClient) if self._client is not None else \
+            self._async_client = self._client.as_async() if self._client is not None else \
                 AsyncLLMClient(**self._settings_kwargs())
         return self._async_client
-
-    def _derive(self, cls: type[Any]) -> Any:
-        # Re-open the other client's weights by their resolved path with its settings: the core
-        # shares engines per (backend, file, options), so nothing is loaded twice.
-        source = self._client or self._async_client
-        assert source is not None
-        s = source.settings
-        common = {"backend": s.backend, "context_length": s.context_length, "temperature": s.temperature,
-                  "top_p": s.top_p}
-        if s.base_url is not None:  # a remote client: same server and model (pass both clients for a custom timeout)
-            return cls(source.model, base_url=s.base_url, api_key=s.api_key, **common)
-        resolved = source.resolved_model
-        return cls(resolved.name, model_path=str(resolved.path), cache_dir=s.cache_dir, n_threads=s.n_threads,
-                   dtype=s.dtype, device=s.device, **common)
 
     def _checked(self, client: LLMClient | AsyncLLMClient) -> Any:
         if client.memory_enabled:
