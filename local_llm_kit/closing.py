@@ -10,19 +10,25 @@ text, and last outside one, where it would open a string), then the smallest val
 ``""``, ``[]``, ``{}``, ``null``...), then single characters. Every token comes from the
 grammar's mask, so the completed reply is always accepted; the search is greedy, so the
 completion is short but not necessarily the shortest.
+
+:class:`RepetitionGuard` (opt-in, the ``repetition_guard`` request parameter) spots a reply whose
+last tokens repeat one short sequence over and over (``"Lisbon_Lisbon_Lisbon_..."``, the same
+array item again and again), so the structure can be closed there instead of at ``max_tokens``.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
-__all__ = ["Closer", "closer_for"]
+from local_llm_kit.errors import InvalidRequestError
+
+__all__ = ["DEFAULT_REPEATS", "Closer", "RepetitionGuard", "closer_for", "repetition_guard"]
 
 _CLOSERS = frozenset(b'"}]')
 # Values that complete in one token, best first.
@@ -145,3 +151,57 @@ def closer_for(tokenizer: llguidance.LLTokenizer) -> Closer:
             entry = (tokenizer, Closer(tokenizer))  # the tokenizer is kept alive, so its id stays unique
             _closers[key] = entry
     return entry[1]
+
+
+# -- the repetition guard ------------------------------------------------------------------------
+DEFAULT_REPEATS = 4
+"""``repetition_guard=True``: a sequence repeated this many times in a row (and over MIN_SPAN tokens)."""
+MAX_REPEATS = 1000
+MAX_UNIT = 16
+"""The longest repeated sequence looked for, in tokens."""
+MIN_SPAN = 16
+"""The fewest tokens a repetition covers before it counts (``1000000`` is a number, not a loop)."""
+
+
+def repetition_guard(value: object, *, param: str = "repetition_guard") -> int:
+    """The ``repetition_guard`` parameter as a number of repeats: ``True`` is :data:`DEFAULT_REPEATS`,
+    ``False``, ``None`` or 0 turn the guard off, an integer from 2 sets the repeats."""
+    if value is None or value is False:
+        return 0
+    if value is True:
+        return DEFAULT_REPEATS
+    if not isinstance(value, int) or not (value == 0 or 2 <= value <= MAX_REPEATS):
+        raise InvalidRequestError(f"{param} must be a boolean, 0 (off) or an integer from 2 to {MAX_REPEATS} (how "
+                                  f"many times a token sequence may repeat in a row), got {value!r}", param=param)
+    return value
+
+
+def repeated_unit(tokens: Sequence[int], repeats: int) -> int | None:
+    """The length of the sequence (1 to :data:`MAX_UNIT` tokens) that the end of ``tokens`` repeats at
+    least ``repeats`` times in a row over at least :data:`MIN_SPAN` tokens; None if there is none."""
+    total = len(tokens)
+    for unit in range(1, MAX_UNIT + 1):
+        span = max(repeats * unit, MIN_SPAN)
+        span += -span % unit  # whole repeats
+        if span > total:
+            continue
+        tail = tokens[total - span:]
+        if tail[unit:] == tail[:-unit]:  # periodic: the same ``unit`` tokens over the whole span
+            return unit
+    return None
+
+
+class RepetitionGuard:
+    """Watches one reply's tokens for a degenerate repetition (see :func:`repeated_unit`)."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+        self._keep = max(repeats * MAX_UNIT, MIN_SPAN) + MAX_UNIT
+        self._recent: list[int] = []
+
+    def push(self, tokens: Sequence[int]) -> int | None:
+        """Add the reply's next tokens; the repeated sequence's length once a repetition is found."""
+        self._recent.extend(tokens)
+        if len(self._recent) > 2 * self._keep:
+            del self._recent[:-self._keep]
+        return repeated_unit(self._recent, self.repeats)

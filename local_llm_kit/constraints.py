@@ -50,7 +50,7 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
-from local_llm_kit.closing import closer_for
+from local_llm_kit.closing import RepetitionGuard, closer_for
 from local_llm_kit.errors import InvalidRequestError
 
 __all__ = [
@@ -365,7 +365,8 @@ class GrammarConstraint:
     stats: ConstraintStats | None = None
     """Set (on the class) to a :class:`ConstraintStats` to record timings of later generations."""
 
-    def __init__(self, compiled: CompiledGrammar, n_vocab: int, eos_token_ids: Collection[int]) -> None:
+    def __init__(self, compiled: CompiledGrammar, n_vocab: int, eos_token_ids: Collection[int], *,
+                 repetition_guard: int = 0) -> None:
         self._matcher = compiled.matcher()
         vocab = compiled.tokenizer.vocab_size
         self._n_vocab = n_vocab
@@ -398,6 +399,10 @@ class GrammarConstraint:
             self._path, self._last_path = list(shortest), list(shortest)
             self._known, self._stale = len(shortest), 0
         self._grammar_eos = compiled.tokenizer.eos_tokens[0]
+        # The opt-in repetition guard: once it fires, the reply is closed as if the budget left were
+        # just what the completion takes (``_cap``, counted down as tokens are consumed).
+        self._guard = RepetitionGuard(repetition_guard) if repetition_guard else None
+        self._cap: int | None = None
 
     def _take_forced(self) -> list[int]:
         forced = list(self._matcher.compute_ff_tokens())
@@ -474,6 +479,10 @@ class GrammarConstraint:
             self._check()
         self._forced_first = []
         self._advance_path(token, forced)
+        if self._cap is not None:
+            self._cap -= 1 + len(forced)
+        elif self._guard is not None:
+            self._watch(token, forced)
         if self._stats is not None:
             self._stats.sampled_tokens += 1
             self._stats.forced_tokens += len(forced)
@@ -499,6 +508,8 @@ class GrammarConstraint:
         """
         if token in self._eos:
             return token  # allowed only where the grammar may end
+        if self._cap is not None:  # the repetition guard fired: close now
+            remaining = min(remaining, self._cap)
         path = self._path
         if path is None:
             if remaining - self._known > _margin(self._known, self._shortest) and self._stale < _REFRESH:
@@ -515,6 +526,18 @@ class GrammarConstraint:
             self._trial = (token, *after)
             return token
         return path[0] if path else None
+
+    def _watch(self, token: int, forced: list[int]) -> None:
+        assert self._guard is not None
+        unit = self._guard.push([token, *forced])
+        if unit is None:
+            return
+        path = self._path if self._path is not None else self._refresh()
+        if path is None:
+            return  # nothing to steer to (logged by _refresh); the guard watches on
+        self._cap = len(path)
+        logger.info("repetition guard: a sequence of %d token(s) repeated %d times; closing the reply in %d tokens",
+                    unit, self._guard.repeats, len(path))
 
     def _valid(self, path: list[int]) -> bool:
         """Whether ``path`` takes the current state to an accepting one (the matcher is left as is).

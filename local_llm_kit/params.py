@@ -66,6 +66,10 @@ class RequestOptions(TypedDict, total=False):
     """``False`` (nothing is stored, the only behaviour of a local model) or omitted."""
     metadata: NotRequired[None]
     """Only meaningful with ``store=True``; any value but ``None`` raises."""
+    repetition_guard: bool | int | None
+    """Not OpenAI's: in JSON or tool-call output, close the structure early once the reply repeats one
+    sequence of tokens this many times in a row (``True``: 4; off by default). See the README,
+    "Structured output"."""
 
 
 class CompletionCreateParams(RequestOptions, total=False):

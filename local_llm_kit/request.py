@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from local_llm_kit.closing import repetition_guard
 from local_llm_kit.config import check_sampling
 from local_llm_kit.errors import InvalidRequestError
 from local_llm_kit.formats import JsonSpec, parse_response_format
@@ -62,6 +63,8 @@ class ChatRequest:
     """``response_format`` parsed: None for free text."""
     tool_plan: ToolPlan | None = None
     """``tools``/``functions`` and their choice parameters parsed: None without tools."""
+    repetition_guard: int = 0
+    """Repeats of one token sequence after which structured output is closed early (0: off)."""
 
     @classmethod
     def for_counting(cls, messages: Sequence[dict[str, Any]],
@@ -319,5 +322,6 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
         logprobs=logprobs,
         top_logprobs=top_logprobs if top_logprobs is not None else (0 if logprobs else None),
         user=user,
+        repetition_guard=repetition_guard(args.get("repetition_guard")),
         **_structured(args, stop),
     )

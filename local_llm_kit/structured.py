@@ -67,8 +67,9 @@ class StructuredOutput:
 
     def __init__(self, engine: Engine, *, fmt: CallFormat, plan: ToolPlan | None, json_spec: JsonSpec | None,
                  grammar: CompiledGrammar | None, content_check: EnforcedSchema | None = None,
-                 call_checks: Mapping[str, EnforcedSchema] | None = None) -> None:
+                 call_checks: Mapping[str, EnforcedSchema] | None = None, repetition_guard: int = 0) -> None:
         self.fmt = fmt
+        self._repetition_guard = repetition_guard
         self.plan = plan
         self.json_spec = json_spec
         self._grammar = grammar
@@ -100,7 +101,7 @@ class StructuredOutput:
     def constraint(self) -> Constraint | None:
         if self._grammar is None:
             return None
-        return GrammarConstraint(self._grammar, self._n_vocab, self._eos)
+        return GrammarConstraint(self._grammar, self._n_vocab, self._eos, repetition_guard=self._repetition_guard)
 
     def _parser(self) -> CallParser | None:
         return None if self._content is None else CallParser(self.fmt, self._content)
@@ -236,6 +237,9 @@ def _single_special(engine: Engine, text: str) -> int | None:
 def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
     """The output mode for ``request``: decides what each schema enforces and compiles the grammar."""
     json_spec, plan = request.json_spec, request.tool_plan
+    if request.repetition_guard and json_spec is None and (plan is None or plan.choice == "none"):
+        raise InvalidRequestError("repetition_guard applies to constrained output (a JSON response_format, or "
+                                  "tools the model may call); this request has none", param="repetition_guard")
     has_history = _has_tool_history(request.messages)
     if json_spec is None and plan is None and not has_history:
         return TextOutput()
@@ -285,7 +289,8 @@ def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
     if grammar is not None and request.max_tokens is not None:
         _check_budget(engine, grammar, request.max_tokens)
     return StructuredOutput(engine, fmt=fmt, plan=plan, json_spec=json_spec, grammar=grammar,
-                            content_check=content_check, call_checks=call_checks)
+                            content_check=content_check, call_checks=call_checks,
+                            repetition_guard=request.repetition_guard)
 
 
 def _check_budget(engine: Engine, grammar: CompiledGrammar, max_tokens: int) -> None:
