@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -40,6 +39,7 @@ from local_llm_kit.memory import ConversationMemory
 from local_llm_kit.models import ResolvedModel, resolve_model
 from local_llm_kit.params import CompletionCreateParams, MessageParam, RequestOptions
 from local_llm_kit.request import ChatRequest, normalize_messages, validate_request
+from local_llm_kit.sharing import Shared, sibling
 from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
 from local_llm_kit.types import CompletionChunk, CompletionResponse, Message
 
@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
 _T = TypeVar("_T")
-_C = TypeVar("_C", bound="_BaseClient")
 
 # Parameters of OpenAI's API (and its Python client) that a local model cannot honour.
 # Passing one with a value other than None raises instead of being dropped.
@@ -103,31 +102,6 @@ def _check_passthrough(params: dict[str, Any]) -> None:
                                   param="metadata")
 
 
-class _Shared:
-    """What a client shares with the clients made from it by ``as_async()`` / ``as_sync()``.
-
-    One hold on the loaded engine for them all: it is attached once and detached when the last
-    of them closes (then the usual rule applies: the last holder of a model unloads it). One
-    conversation memory: enabling, adding to, clearing or disabling it on one is seen by all, and
-    its tokens are counted by whichever of them is still open.
-    """
-
-    def __init__(self, first: _BaseClient) -> None:
-        self.lock = threading.Lock()
-        self.engine: Engine | None = None
-        self.memory: ConversationMemory | None = None
-        self.open = 1  # open clients sharing this (see _BaseClient._close)
-        self.clients: list[weakref.ref[_BaseClient]] = [weakref.ref(first)]
-
-    def count_history(self, messages: Sequence[dict[str, Any]]) -> int:
-        """The memory's token counter: counted by the first client still open."""
-        for ref in list(self.clients):
-            client = ref()
-            if client is not None and not client.closed:
-                return client._count_history(messages)
-        raise ClientClosedError("every client sharing this memory is closed; create a new client")
-
-
 class _BaseClient:
     def __init__(
         self,
@@ -161,7 +135,7 @@ class _BaseClient:
         )
         self._explicit_model = model
         self._resolved: ResolvedModel | None = None
-        self._shared = _Shared(self)
+        self._shared = Shared(self)
         self._closed = False
         # backend="openai": requests go to an OpenAI-compatible server (local_llm_kit.remote).
         self._remote: RemoteEndpoint | None = None
@@ -219,7 +193,7 @@ class _BaseClient:
                 engine = shared.engine
         return engine
 
-    # The engine and the memory live in self._shared (see as_async()); these keep their old names.
+    # The engine and the memory live in self._shared (see sharing.py); these keep their old names.
     @property
     def _engine(self) -> Engine | None:
         return self._shared.engine
@@ -258,25 +232,8 @@ class _BaseClient:
         if self._remote is not None:
             self._remote.close()
 
-    def _sibling(self, cls: type[_C]) -> _C:
-        """A client of class ``cls`` sharing this one's settings, engine hold and memory (see _Shared)."""
-        sibling = cls.__new__(cls)
-        with self._shared.lock:
-            if self._closed:
-                raise ClientClosedError("this client is closed; create a new client")
-            # Every attribute (settings, resolved model, the _Shared...) is this client's; then
-            # what each client owns alone: its open state, its connections, its chat resource.
-            sibling.__dict__.update(self.__dict__)
-            sibling._closed = False
-            sibling._remote = self._remote.copy() if self._remote is not None else None
-            self._shared.open += 1
-            alive = [ref for ref in self._shared.clients if ref() is not None]
-            self._shared.clients = [*alive, weakref.ref(sibling)]
-        sibling._open_chat()
-        return sibling
-
     def _open_chat(self) -> None:
-        raise NotImplementedError
+        raise NotImplementedError  # LLMClient and AsyncLLMClient make their own ``chat``
 
     def _engine_for(self, model: str | None) -> Engine:
         if model is not None and not isinstance(model, str):  # checked here: it picks the weights
@@ -636,7 +593,7 @@ class LLMClient(_BaseClient):
         over connections of its own. Each client closes only itself; the engine is let go of
         when the last of them closes, and until then the other keeps working.
         """
-        return self._sibling(AsyncLLMClient)
+        return sibling(self, AsyncLLMClient)
 
     def load(self) -> LLMClient:
         """Load the weights now instead of on first use (``backend="openai"``: reach the server)."""
@@ -675,7 +632,7 @@ class AsyncLLMClient(_BaseClient):
 
     def as_sync(self) -> LLMClient:
         """An :class:`LLMClient` over the same model, engine and memory (see :meth:`LLMClient.as_async`)."""
-        return self._sibling(LLMClient)
+        return sibling(self, LLMClient)
 
     async def load(self) -> AsyncLLMClient:
         await asyncio.to_thread(lambda: self.model if self._remote is not None else self.engine)
