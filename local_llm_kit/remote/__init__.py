@@ -45,3 +45,8 @@ from local_llm_kit.remote._transport import RemoteEndpoint
 
 __all__ = ["AsyncRemoteCompletions", "RemoteCompletions", "RemoteEndpoint", "RemoteServerError", "count_tokens",
            "create_parameter_names", "request_body"]
+
+# The names show as local_llm_kit.remote.X (in reprs, tracebacks, docs), not as the private module's.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

@@ -97,7 +97,7 @@ class RemoteEndpoint:
 
     # -- token counts ---------------------------------------------------------------------------
     def count_tokens(self, body: dict[str, Any]) -> int:
-        """Exactly the ``usage.prompt_tokens`` that sending ``body`` would report (see module doc)."""
+        """Exactly the ``usage.prompt_tokens`` that sending ``body`` would report (see :mod:`local_llm_kit.remote`)."""
         # Parameters that change the prompt beyond messages and tools: only a completion counts them.
         prompt_shaping = _PROMPT_SHAPING & set(body)
         if self._tokenize_supported is not False and not prompt_shaping:
@@ -130,7 +130,7 @@ class RemoteEndpoint:
     def request(self, method: str, url: str, body: dict[str, Any] | None = None, *,
                 timeout: float | None = None, headers: Mapping[str, str] | None = None,
                 params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Send one request and return its JSON answer; errors mapped (see the module doc)."""
+        """Send one request and return its JSON answer; errors mapped (see :mod:`local_llm_kit.remote`)."""
         for attempt in range(self.max_retries + 1):
             try:
                 response = self._http.request(method, url, json=body, timeout=timeout or self.timeout,
@@ -156,7 +156,7 @@ class RemoteEndpoint:
         """Send a streaming request and return the response once the server has accepted it.
 
         Errors the server answers with (a bad parameter, an unknown model) raise here, as
-        openai-python raises them from ``create()``; the events are read by :func:`iter_chunks`.
+        openai-python raises them from ``create()``; the events are read by ``_sse.iter_chunks``.
         """
         url = self.base_url + "/chat/completions"
         for attempt in range(self.max_retries + 1):
