@@ -33,6 +33,8 @@ __all__ = ["DEFAULT_REPEATS", "Closer", "RepetitionGuard", "closer_for", "repeti
 _CLOSERS = frozenset(b'"}]')
 # Values that complete in one token, best first.
 _SMALL_VALUES = (b"0", b'""', b"[]", b"{}", b"null", b"false", b"true", b"1", b"[", b"{", b'"')
+_LOOP = 4
+_MAX_BANNED = 16
 MAX_COMPLETION_TOKENS = 4096
 """A search that needs more tokens than this gives up (the reply is then cut as before)."""
 
@@ -77,14 +79,18 @@ class Closer:
                           for table in (inside, outside))
         self.vocab = tokenizer.vocab_size
         self._tokenizer = tokenizer
-        backslash = tokenizer.tokenize_bytes(b"\\")
-        self._backslash = int(backslash[0]) if len(backslash) == 1 else None
-        """Allowed only inside a JSON string (or free text): tells which ranking applies."""
+        # Allowed only inside a JSON string (or free text): they tell which ranking applies. A string
+        # with a pattern or a format allows no backslash, but most allow a letter.
+        self._markers = [int(t[0]) for t in (tokenizer.tokenize_bytes(b"\\"), tokenizer.tokenize_bytes(b"a"))
+                         if len(t) == 1]
 
-    def pick(self, words: np.ndarray, excluded: Collection[int], limit: int) -> int | None:
-        """The best allowed token in the bitmask ``words`` (int32 words), below ``limit``."""
-        b = self._backslash
-        which = 0 if b is not None and (int(words[b >> 5]) >> (b & 31)) & 1 else 1
+    def _inside_string(self, words: np.ndarray) -> bool:
+        return any((int(words[t >> 5]) >> (t & 31)) & 1 for t in self._markers)
+
+    def pick(self, words: np.ndarray, excluded: Collection[int], limit: int, *, inside: bool = False) -> int | None:
+        """The best allowed token in the bitmask ``words`` (int32 words), below ``limit``; ``inside``:
+        rank as inside a string whatever the mask suggests."""
+        which = 0 if inside or self._inside_string(words) else 1
         for token in self.tops[which]:
             if token < limit and token not in excluded and (int(words[token >> 5]) >> (token & 31)) & 1:
                 return token
@@ -115,6 +121,11 @@ class Closer:
         m = matcher.deep_copy()
         bitmask = llg_numpy.allocate_token_bitmask(1, self.vocab)
         path: list[int] = []
+        # A token picked _LOOP times in a row is not taken again until the grammar forces something:
+        # inside a string whose pattern or format forbids the closing quote for now, the first
+        # ranked token may be allowed forever (``0`` in ``^[0-9]+$``, ``}`` in an email address).
+        banned: set[int] = set()
+        run = 0
         while not m.is_accepting():
             if len(path) >= max_tokens or m.is_error():
                 return None
@@ -127,13 +138,22 @@ class Closer:
                 if not m.consume_tokens(forced):
                     return None
                 path += forced
+                banned.clear()
+                run = 0
                 continue
             llg_numpy.fill_next_token_bitmask(m, bitmask)
             picked = self._forced_bytes_token(m, bitmask[0], excluded, limit)
+            if picked is None and banned:  # a loop: most likely inside a string, where a quote ends it
+                picked = self.pick(bitmask[0], banned.union(excluded), limit, inside=True)
             if picked is None:
                 picked = self.pick(bitmask[0], excluded, limit)
             if picked is None or not m.consume_token(picked):
                 return None
+            run = run + 1 if path and path[-1] == picked else 1
+            if run >= _LOOP:
+                banned.add(picked)
+                if len(banned) > _MAX_BANNED:
+                    return None  # no way out found (a string that must contain given text...): give up early
             path.append(picked)
         return path
 

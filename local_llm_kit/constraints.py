@@ -50,7 +50,7 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
-from local_llm_kit.closing import RepetitionGuard, closer_for
+from local_llm_kit.closing import MAX_COMPLETION_TOKENS, RepetitionGuard, closer_for
 from local_llm_kit.errors import InvalidRequestError
 
 __all__ = [
@@ -392,6 +392,8 @@ class GrammarConstraint:
         """The last completion found: often still valid a few tokens later (inside a string)."""
         self._known = 0
         self._stale = _REFRESH
+        self._wait = 0
+        """Tokens to let pass before searching again after a search failed (doubles each time)."""
         self._trial: tuple[int, list[int], list[int]] | None = None
         shortest = compiled.shortest_reply(n_vocab, eos_token_ids)
         self._shortest = 0 if shortest is None else len(shortest)
@@ -512,16 +514,17 @@ class GrammarConstraint:
             remaining = min(remaining, self._cap)
         path = self._path
         if path is None:
-            if remaining - self._known > _margin(self._known, self._shortest) and self._stale < _REFRESH:
+            far = remaining - self._known > _margin(self._known, self._shortest)
+            if (far and self._stale < _REFRESH) or self._stale < self._wait:
                 return token
-            path = self._refresh()
+            path = self._refresh(remaining)
             if path is None:
                 return token  # no completion found: nothing to steer to (logged by _refresh)
         if remaining - len(path) > _margin(len(path), self._shortest):
             return token
         if path and token == path[0]:
             return token
-        after = self._try(token)
+        after = self._try(token, remaining)
         if after is not None and 1 + len(after[0]) + len(after[1]) <= remaining:
             self._trial = (token, *after)
             return token
@@ -547,23 +550,30 @@ class GrammarConstraint:
         tokens = [*path, self._grammar_eos]
         return bool(self._matcher.validate_tokens(tokens) == len(tokens))
 
-    def _completion(self) -> list[int] | None:
+    def _completion(self, limit: int) -> list[int] | None:
+        """A completion from the current state; the search stops past ``limit`` tokens (longer ones
+        could not be steered to in the budget left anyway, and a search that fails costs its length)."""
         if self._last_path is not None and self._valid(self._last_path):
             return list(self._last_path)
-        return self._closer.complete(self._matcher, self._excluded, self._n)
+        return self._closer.complete(self._matcher, self._excluded, self._n, max_tokens=limit)
 
-    def _refresh(self) -> list[int] | None:
-        path = self._completion()
+    def _refresh(self, remaining: int = MAX_COMPLETION_TOKENS) -> list[int] | None:
+        path = self._completion(remaining)
         self._stale = 0
         if path is None:
-            logger.warning("no valid completion found from the current grammar state; the reply may be cut")
+            if not self._wait:
+                logger.warning("no valid completion found from the current grammar state; the reply may be cut")
+            # Searched again after 1, 2, 4... tokens: while the model stays in such a state (a string
+            # whose pattern the search cannot satisfy), every search fails.
+            self._wait = min(2 * self._wait or 1, _REFRESH * 8)
             self._known = 0
             return None
+        self._wait = 0
         self._path = self._last_path = path
         self._known = len(path)
         return path
 
-    def _try(self, token: int) -> tuple[list[int], list[int]] | None:
+    def _try(self, token: int, remaining: int) -> tuple[list[int], list[int]] | None:
         """The forced tokens after ``token`` and a completion from there (the matcher is left as is)."""
         if not self._matcher.consume_token(token):
             self._check()
@@ -572,7 +582,7 @@ class GrammarConstraint:
         steps = 1
         if forced and self._matcher.consume_tokens(forced):
             steps += len(forced)
-        path = self._completion()
+        path = self._completion(remaining)
         self._matcher.rollback(steps)
         return None if path is None else (forced, path)
 

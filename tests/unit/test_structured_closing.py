@@ -119,3 +119,34 @@ def test_numbers_inside_arrays_and_objects_are_closed(schema: Any) -> None:
     text, reason = decode(schema, scripted(script), 40)
     assert reason == "length"
     jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("pattern", ["^[0-9]+$", "^[a-z0-9-]+$", "^[-_=0-9A-Za-z]+$"])
+def test_strings_with_a_pattern_are_closed(pattern: str) -> None:
+    # No backslash is allowed in such a string, so the search took it for the outside of a string,
+    # where ``0`` ranks before a quote, and wrote ``0`` forever (o8776, o21481, o40353 of the corpus).
+    schema = {"type": "object", "properties": {"id": {"type": "string", "pattern": pattern}}, "required": ["id"]}
+    shortest = grammar(schema).shortest_reply(N_VOCAB, {END})
+    assert shortest is not None and len(shortest) <= len('{"id": "0000"}')  # four tries of a digit at most
+    text, reason = decode(schema, scripted('{"id": "' + "1" * 1000), 40)
+    assert reason == "length"
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_search_that_cannot_succeed_is_not_repeated_at_every_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The string must contain "wifi", which the greedy search cannot find: while the model stays in
+    # it, searches fail, and are retried after 1, 2, 4... tokens rather than at each one.
+    from local_llm_kit.closing import Closer
+
+    calls: list[int] = []
+    original = Closer.complete
+
+    def counted(self: Closer, *args: Any, **kwargs: Any) -> list[int] | None:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Closer, "complete", counted)
+    schema = {"type": "string", "pattern": "wifi"}
+    text, _ = decode(schema, scripted('"' + "]" * 1000), 200)
+    assert text.startswith('"]]]]')
+    assert len(calls) < 20
