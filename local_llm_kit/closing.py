@@ -84,24 +84,31 @@ class Closer:
         self._markers = [int(t[0]) for t in (tokenizer.tokenize_bytes(b"\\"), tokenizer.tokenize_bytes(b"a"))
                          if len(t) == 1]
 
-    def _inside_string(self, words: np.ndarray) -> bool:
-        return any((int(words[t >> 5]) >> (t & 31)) & 1 for t in self._markers)
+    def pick(self, matcher: llguidance.LLMatcher, excluded: Collection[int], limit: int, *,
+             inside: bool = False) -> int | None:
+        """The best token ``matcher`` allows next, below ``limit``; ``inside``: rank as inside a string
+        whatever the grammar suggests.
 
-    def pick(self, words: np.ndarray, excluded: Collection[int], limit: int, *, inside: bool = False) -> int | None:
-        """The best allowed token in the bitmask ``words`` (int32 words), below ``limit``; ``inside``:
-        rank as inside a string whatever the mask suggests."""
-        which = 0 if inside or self._inside_string(words) else 1
+        Candidates are checked one by one in ranking order (a lexer step each, microseconds); the
+        full mask over the vocabulary (up to milliseconds on Gemma's 262k tokens) is computed only
+        when none of them is allowed."""
+        def allowed(token: int) -> bool:
+            return token < limit and token not in excluded and matcher.validate_tokens([token]) == 1
+
+        which = 0 if inside or any(matcher.validate_tokens([t]) == 1 for t in self._markers) else 1
         for token in self.tops[which]:
-            if token < limit and token not in excluded and (int(words[token >> 5]) >> (token & 31)) & 1:
+            if allowed(token):
                 return token
         # None of the preferred tokens fits (a pattern, a special marker...): any allowed one.
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: min(self.vocab, limit)]
+        bitmask = llg_numpy.allocate_token_bitmask(1, self.vocab)
+        llg_numpy.fill_next_token_bitmask(matcher, bitmask)
+        bits = np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[: min(self.vocab, limit)]
         for candidate in np.flatnonzero(bits).tolist():
             if candidate not in excluded:
                 return int(candidate)
         return None
 
-    def _forced_bytes_token(self, matcher: llguidance.LLMatcher, words: np.ndarray, excluded: Collection[int],
+    def _forced_bytes_token(self, matcher: llguidance.LLMatcher, excluded: Collection[int],
                             limit: int) -> int | None:
         """The token that starts the bytes the grammar forces, when tokenization left them unforced (``>``
         after ``</tool_call``, where ``><`` would also be allowed)."""
@@ -112,14 +119,13 @@ class Closer:
         if not tokens:
             return None
         token = int(tokens[0])
-        allowed = token < limit and token not in excluded and (int(words[token >> 5]) >> (token & 31)) & 1
+        allowed = token < limit and token not in excluded and matcher.validate_tokens([token]) == 1
         return token if allowed else None
 
     def complete(self, matcher: llguidance.LLMatcher, excluded: Collection[int], limit: int,
                  max_tokens: int = MAX_COMPLETION_TOKENS) -> list[int] | None:
         """Tokens that take ``matcher`` (left unchanged) to an accepting state; None if none found."""
         m = matcher.deep_copy()
-        bitmask = llg_numpy.allocate_token_bitmask(1, self.vocab)
         path: list[int] = []
         # A token picked _LOOP times in a row is not taken again until the grammar forces something:
         # inside a string whose pattern or format forbids the closing quote for now, the first
@@ -141,12 +147,11 @@ class Closer:
                 banned.clear()
                 run = 0
                 continue
-            llg_numpy.fill_next_token_bitmask(m, bitmask)
-            picked = self._forced_bytes_token(m, bitmask[0], excluded, limit)
+            picked = self._forced_bytes_token(m, excluded, limit)
             if picked is None and banned:  # a loop: most likely inside a string, where a quote ends it
-                picked = self.pick(bitmask[0], banned.union(excluded), limit, inside=True)
+                picked = self.pick(m, banned.union(excluded), limit, inside=True)
             if picked is None:
-                picked = self.pick(bitmask[0], excluded, limit)
+                picked = self.pick(m, excluded, limit)
             if picked is None or not m.consume_token(picked):
                 return None
             run = run + 1 if path and path[-1] == picked else 1
