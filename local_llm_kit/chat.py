@@ -83,6 +83,7 @@ def _settings(prepared: PreparedChat, choice_index: int) -> GenerationSettings:
                                 logit_bias=r.logit_bias),
         stop=r.stop,
         top_logprobs=r.top_logprobs if r.logprobs else None,
+        draft_tokens=r.draft_tokens or 0,
     )
 
 

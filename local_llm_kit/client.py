@@ -125,13 +125,14 @@ class _BaseClient:
         flash_attn: bool | None = None,
         main_gpu: int | None = None,
         tensor_split: Sequence[float] | None = None,
+        prompt_lookup: bool | int | None = None,
     ) -> None:
         self.settings: Settings = resolve_settings(
             model=model, model_path=model_path, backend=backend, context_length=context_length,
             temperature=temperature, top_p=top_p, cache_dir=cache_dir, n_threads=n_threads,
             dtype=dtype, device=device, base_url=base_url, api_key=api_key, kv_slots=kv_slots,
             n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, main_gpu=main_gpu,
-            tensor_split=tensor_split,
+            tensor_split=tensor_split, prompt_lookup=prompt_lookup,
         )
         self._explicit_model = model
         self._resolved: ResolvedModel | None = None
@@ -327,9 +328,21 @@ class _BaseClient:
         engine = self._engine_for(args.get("model"))
         request = validate_request(args, default_temperature=self.settings.temperature,
                                    default_top_p=self.settings.top_p, n_vocab=engine.backend.info.n_vocab)
+        request = _with_speculation(request, self.settings.draft_tokens, engine)
         if request.user is not None:
             request_log.info("request from user %r on %s", request.user, engine.model.name)
         return engine, request, timeout
+
+
+def _with_speculation(request: ChatRequest, default: int, engine: Engine) -> ChatRequest:
+    """The request's draft length, or the client's; refused on an engine that cannot verify drafts."""
+    asked = request.draft_tokens
+    drafts = default if asked is None else asked
+    if drafts and not engine.backend.verifies_drafts:
+        raise InvalidRequestError(f"prompt_lookup needs a backend that evaluates several positions per pass; "
+                                  f"{engine.backend.name} does not: leave prompt_lookup unset or False",
+                                  param="prompt_lookup")
+    return request if asked == drafts else replace(request, draft_tokens=drafts)
 
 
 def _timeout(value: Any) -> float | None:
@@ -567,6 +580,9 @@ class LLMClient(_BaseClient):
         as many as fit 1 GiB at this context length; see :mod:`local_llm_kit.slots`).
     :param n_gpu_layers: llama.cpp: layers to offload to the GPU (-1: all); with ``flash_attn``,
         ``main_gpu`` and ``tensor_split``, needs llama-cpp-python built with GPU support.
+    :param prompt_lookup: prompt-lookup speculative decoding by default for this client's requests
+        (``True``, ``False`` or the longest draft per forward pass; default off). Same output, fewer
+        forward passes where replies copy their input; ``create(prompt_lookup=...)`` overrides it.
 
     Weights load on first use or on :meth:`load`.
     """

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.speculation import draft_tokens
 
 __all__ = ["DEFAULT_BACKEND", "DEFAULT_CONTEXT_LENGTH", "DEFAULT_MODEL", "Settings", "resolve_settings"]
 
@@ -46,6 +47,8 @@ DEFAULT_BACKEND = "llama.cpp"
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
+DEFAULT_PROMPT_LOOKUP = 0
+"""Speculation is off unless asked for: see the README's "Speculative decoding" for when it pays."""
 REMOTE_BACKEND = "openai"
 KNOWN_BACKENDS = ("llama.cpp", "transformers", REMOTE_BACKEND)
 _BACKEND_SPELLINGS = {"llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp", "llamacpp": "llama.cpp",
@@ -81,6 +84,8 @@ class Settings:
     """llama.cpp only: the GPU that holds the whole model or its small tensors."""
     tensor_split: tuple[float, ...] | None = None
     """llama.cpp only: the share of the model each GPU holds."""
+    draft_tokens: int = 0
+    """Prompt-lookup speculation (``prompt_lookup``): the longest draft per forward pass; 0: off."""
 
 
 MAX_KV_SLOTS = 64
@@ -162,6 +167,7 @@ def resolve_settings(
     flash_attn: bool | None = None,
     main_gpu: int | None = None,
     tensor_split: Sequence[float] | None = None,
+    prompt_lookup: bool | int | None = None,
 ) -> Settings:
     """Combine arguments, environment and defaults into validated :class:`Settings`."""
     env = os.environ if environ is None else environ
@@ -246,6 +252,9 @@ def resolve_settings(
     if resolved_backend == REMOTE_BACKEND and kv_slots is not None:
         raise InvalidRequestError("kv_slots applies to in-process backends; the server manages its own cache",
                                   param="kv_slots")
+    if resolved_backend == REMOTE_BACKEND and prompt_lookup is not None:
+        raise InvalidRequestError("prompt_lookup applies to in-process backends; the server decides how it "
+                                  "decodes", param="prompt_lookup")
 
     return Settings(
         model=model or DEFAULT_MODEL,
@@ -265,4 +274,5 @@ def resolve_settings(
         flash_attn=flash_attn,
         main_gpu=main_gpu,
         tensor_split=split,
+        draft_tokens=DEFAULT_PROMPT_LOOKUP if prompt_lookup is None else draft_tokens(prompt_lookup),
     )

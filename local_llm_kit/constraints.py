@@ -497,6 +497,18 @@ class GrammarConstraint:
         """True once the grammar allows nothing but ending."""
         return bool(self._matcher.is_stopped())
 
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` the grammar accepts in a row from here; nothing is consumed.
+
+        Speculation drafts only what the grammar allows. End-of-sequence tokens end the count:
+        the loop stops on them, so drafting one gains nothing."""
+        count = 0
+        for token in tokens:
+            if token in self._eos or token >= self._n:
+                break
+            count += 1
+        return int(self._matcher.validate_tokens(list(tokens[:count]))) if count else 0
+
     # -- budget-aware closing ---------------------------------------------------------------
     def fit(self, token: int, remaining: int) -> int | None:
         """The token to take when at most ``remaining`` tokens (this one included) may follow.

@@ -3,6 +3,13 @@
 prefix reuse -> prefill -> [logits -> bias/penalties -> constraint mask -> sample ->
 detokenize -> stop?]* . Backends only evaluate tokens; everything that decides *which* token
 comes next, and what text the user sees, happens here, once.
+
+Speculation (prompt lookup, :mod:`local_llm_kit.speculation`) changes only how many positions
+one forward pass evaluates: the drafted tokens ride along with the chosen one, and each position's
+logits then go through exactly the same steps as without a draft. A draft token is kept only
+when the token chosen at its position is that very token, so the output (sampled ones included,
+the random generator being drawn once per position either way) is the one decoding gives without
+drafts.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import numpy as np
 from local_llm_kit.backends.base import Backend
 from local_llm_kit.sampling import Sampler, SamplingParams, log_softmax
 from local_llm_kit.slots import common_prefix_length as _common_prefix_length
+from local_llm_kit.speculation import PromptLookup
 from local_llm_kit.text import IncrementalDecoder, StopStringMatcher
 from local_llm_kit.types import TokenLogprob, TopLogprob
 
@@ -53,6 +61,10 @@ class Constraint(Protocol):
         ``token`` itself while the structure can still be completed after it, else the next token of
         a completion the grammar accepts; None when the reply is complete and nothing more fits."""
 
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` the grammar accepts in a row from here (nothing is consumed): a
+        drafted token the grammar forbids ends the draft."""
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -62,6 +74,8 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None
     """None: no logprobs; 0..20: logprobs with that many alternatives per token."""
+    draft_tokens: int = 0
+    """Prompt-lookup speculation: the longest draft verified per forward pass (0: off)."""
 
 
 @dataclass
@@ -133,6 +147,9 @@ def generate(
     stops = StopStringMatcher(settings.stop)
     want_logprobs = settings.top_logprobs is not None
     generated: list[int] = []
+    limit = min(settings.max_tokens, backend.n_ctx - len(prompt))
+    lookup = PromptLookup(prompt, settings.draft_tokens) if settings.draft_tokens > 0 else None
+    verified = _Verified()
 
     steered = False
     owner = object()
@@ -141,7 +158,7 @@ def generate(
     while True:
         if cancel is not None and cancel.is_set():
             return
-        remaining = min(settings.max_tokens - len(generated), backend.n_ctx - len(prompt) - len(generated))
+        remaining = limit - len(generated)
         fitted: int | None = None
         if remaining > 0:
             sampler.process(logits)
@@ -179,8 +196,7 @@ def generate(
         if constraint is not None:
             forced = constraint.consume(token)
             # The budget check above keeps forced tokens within it; this cut is a last resort.
-            room = min(settings.max_tokens, backend.n_ctx - len(prompt)) - len(generated)
-            forced = forced[:room]
+            forced = forced[:limit - len(generated)]
             for forced_token in forced:
                 sampler.accept(forced_token)
             generated.extend(forced)
@@ -201,9 +217,70 @@ def generate(
                 yield TextPiece(tail, [])
             yield Finished("length" if steered else "stop", generated)
             return
-        if len(generated) < settings.max_tokens and len(prompt) + len(generated) < backend.n_ctx:
-            if backend.owner is owner:
-                logits = backend.forward(new_tokens)
-            else:  # another generation used the cache in between: rebuild ours from its prefix
+        if len(generated) < limit:
+            if lookup is not None:
+                lookup.extend(new_tokens)
+            if backend.owner is not owner:
+                # Another generation used the cache in between: rebuild ours from its prefix.
+                verified.drop(lookup)
                 logits = prefill(backend, [*prompt, *generated])
                 backend.owner = owner
+                continue
+            pending, ready = verified.take(new_tokens)
+            if ready is not None:
+                logits = ready  # every new token was drafted and verified already
+                continue
+            if not verified.reject(backend, lookup, len(prompt) + len(generated) - len(pending)):
+                logits = prefill(backend, [*prompt, *generated])  # the cache could not be trimmed
+                continue
+            # A draft is worth verifying only where its tokens and one more could still be generated.
+            draft = [] if lookup is None else lookup.draft(limit - len(generated) - 1)
+            if draft and constraint is not None:
+                draft = draft[:constraint.valid_prefix(draft)]
+            if draft:
+                rows = backend.forward_all([*pending, *draft])
+                logits = rows[len(pending) - 1]
+                verified.hold(draft, rows[len(pending):])
+            else:
+                logits = backend.forward(pending)
+
+
+class _Verified:
+    """Drafted tokens already evaluated in the KV cache, each with the logits that follow it."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.rows: list[np.ndarray] = []
+        self.proposed = 0
+        self.kept = 0
+
+    def hold(self, draft: list[int], rows: np.ndarray) -> None:
+        self.tokens, self.rows = list(draft), list(rows)
+        self.proposed, self.kept = len(draft), 0
+
+    def take(self, new_tokens: list[int]) -> tuple[list[int], np.ndarray | None]:
+        """Match the step's tokens against the draft: the tokens still to evaluate, and the next
+        position's logits when all of them were drafted (already in the KV cache)."""
+        matched = 0
+        logits = None
+        while matched < len(new_tokens) and self.tokens and self.tokens[0] == new_tokens[matched]:
+            self.tokens.pop(0)
+            logits = self.rows.pop(0)
+            matched += 1
+        self.kept += matched
+        return new_tokens[matched:], logits if matched == len(new_tokens) else None
+
+    def reject(self, backend: Backend, lookup: PromptLookup | None, expected: int) -> bool:
+        """Forget the draft's unused tail, in the KV cache too; False when the cache no longer
+        holds the ``expected`` tokens (an engine that cannot trim to any length kept fewer)."""
+        if lookup is not None and self.proposed:
+            lookup.feedback(self.proposed, self.kept)
+        if self.tokens:
+            backend.truncate_cache(len(backend.cached_tokens) - len(self.tokens))
+        self.tokens, self.rows, self.proposed, self.kept = [], [], 0, 0
+        return len(backend.cached_tokens) == expected
+
+    def drop(self, lookup: PromptLookup | None) -> None:
+        if lookup is not None and self.proposed:
+            lookup.feedback(self.proposed, self.kept)
+        self.tokens, self.rows, self.proposed, self.kept = [], [], 0, 0

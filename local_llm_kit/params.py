@@ -70,6 +70,10 @@ class RequestOptions(TypedDict, total=False):
     """Not OpenAI's: in JSON or tool-call output, close the structure early once the reply repeats one
     sequence of tokens this many times in a row (``True``: 4; off by default). See the README,
     "Structured output"."""
+    prompt_lookup: bool | int | None
+    """Not OpenAI's: prompt-lookup speculative decoding for this request (``True``, ``False``, or the
+    longest draft per forward pass); None takes the client's setting. The output is the same either
+    way; only the speed changes (see the README, "Speculative decoding")."""
 
 
 class CompletionCreateParams(RequestOptions, total=False):

@@ -14,6 +14,7 @@ from local_llm_kit.closing import repetition_guard
 from local_llm_kit.config import check_sampling
 from local_llm_kit.errors import InvalidRequestError
 from local_llm_kit.formats import JsonSpec, parse_response_format
+from local_llm_kit.speculation import draft_tokens
 from local_llm_kit.tools import ToolPlan, parse_tools
 
 __all__ = ["ChatRequest", "normalize_messages", "validate_request"]
@@ -65,6 +66,8 @@ class ChatRequest:
     """``tools``/``functions`` and their choice parameters parsed: None without tools."""
     repetition_guard: int = 0
     """Repeats of one token sequence after which structured output is closed early (0: off)."""
+    draft_tokens: int | None = None
+    """``prompt_lookup`` as the longest draft per forward pass (0: off); None: the client's setting."""
 
     @classmethod
     def for_counting(cls, messages: Sequence[dict[str, Any]],
@@ -323,5 +326,6 @@ def validate_request(args: dict[str, Any], *, default_temperature: float, defaul
         top_logprobs=top_logprobs if top_logprobs is not None else (0 if logprobs else None),
         user=user,
         repetition_guard=repetition_guard(args.get("repetition_guard")),
+        draft_tokens=None if args.get("prompt_lookup") is None else draft_tokens(args["prompt_lookup"]),
         **_structured(args, stop),
     )

@@ -115,6 +115,13 @@ class FakeBackend(Backend):
         return self._llg
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        last: np.ndarray = self._evaluate(tokens, all_positions=False)[-1]
+        return last
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._evaluate(tokens, all_positions=True)
+
+    def _evaluate(self, tokens: Sequence[int], *, all_positions: bool) -> np.ndarray:
         if not tokens:
             raise ValueError("forward needs at least one token")
         if len(self._cached) + len(tokens) > self._n_ctx:
@@ -125,8 +132,14 @@ class FakeBackend(Backend):
             if self.delay_s:
                 time.sleep(self.delay_s)
             self.forward_calls.append(len(tokens))
-            self._cached.extend(tokens)
-            return self._next_logits()
+            if not all_positions:
+                self._cached.extend(tokens)
+                return self._next_logits()[None]
+            rows = []
+            for token in tokens:
+                self._cached.append(token)
+                rows.append(self._next_logits())
+            return np.stack(rows)
         finally:
             self._in_forward.release()
 

@@ -179,6 +179,22 @@ class Backend(abc.ABC):
         position's logits are computed. On success ``cached_tokens`` grows by ``tokens``.
         """
 
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Like :meth:`forward`, but return the logits of every position of ``tokens``.
+
+        A float32 array of shape ``(len(tokens), info.n_vocab)`` owned by the caller (not a view
+        of an engine buffer: the decode loop keeps rows across steps). Row ``i`` predicts the token
+        after ``tokens[i]``. Speculative decoding verifies a draft with one such pass; an engine
+        that cannot compute several positions at once leaves this unimplemented, and speculation
+        is then refused for it (see :attr:`verifies_drafts`).
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot return logits for several positions")
+
+    @property
+    def verifies_drafts(self) -> bool:
+        """Whether :meth:`forward_all` is implemented (speculative decoding can run here)."""
+        return type(self).forward_all is not Backend.forward_all
+
     @abc.abstractmethod
     def truncate_cache(self, n_keep: int) -> int:
         """Drop the current slot's cached tokens after the first ``n_keep``; return how many are kept.
@@ -252,6 +268,14 @@ class SlotView(Backend):
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         self.backend.use_slot(self.index)
         return self.backend.forward(tokens)
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        self.backend.use_slot(self.index)
+        return self.backend.forward_all(tokens)
+
+    @property
+    def verifies_drafts(self) -> bool:
+        return self.backend.verifies_drafts
 
     def truncate_cache(self, n_keep: int) -> int:
         self.backend.use_slot(self.index)

@@ -81,6 +81,12 @@ class LlamaCppBackend(Backend):
         params.n_seq_max = n_slots
         params.kv_unified = False
         params.swa_full = True  # a full-size sliding-window cache can be trimmed to any prefix
+        if options.flash_attn is None:
+            # llama.cpp's own default ("auto": on wherever the device supports it), which
+            # llama-cpp-python turns off. On the CPU it also makes a position's logits the same
+            # whether it is evaluated alone or in a batch (without it they differ by up to ~1 on
+            # SmolLM2), so a warm turn, a cold prefill and a verified draft give the same tokens.
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         try:
             context = llama_internals.LlamaContext(model=self._llama._model, params=params, verbose=False)
         except ValueError as exc:
@@ -103,7 +109,7 @@ class LlamaCppBackend(Backend):
         self._info = self._read_info(path, {
             "kv_slots": str(n_slots), "n_gpu_layers": str(gpu.get("n_gpu_layers", 0)),
             "gpu_offload": str(bool(llama_cpp.llama_supports_gpu_offload())).lower(),
-            "flash_attn": str(bool(gpu.get("flash_attn", False))).lower(),
+            "flash_attn": "auto" if options.flash_attn is None else str(options.flash_attn).lower(),
         })
         if gpu:
             logger.info("llama.cpp GPU options for %s: %s", Path(path).name, gpu)
@@ -150,16 +156,49 @@ class LlamaCppBackend(Backend):
         return piece
 
     def llg_tokenizer(self) -> llguidance.LLTokenizer:
+        # What llguidance.llamacpp.lltokenizer_from_vocab builds, with llama_vocab_get_attr: the
+        # llama_token_get_attr it calls is deprecated in llama-cpp-python, which warns once per
+        # vocabulary entry (262k DeprecationWarnings for Gemma). No warning filter: those are global.
         if self._llg is None:
-            from llguidance.llamacpp import lltokenizer_from_vocab
+            import llguidance
 
-            self._llg = lltokenizer_from_vocab(self._vocab, n_vocab=self._n_vocab,
-                                               eos_token=sorted(self._info.eos_token_ids))
+            buffer = ctypes.create_string_buffer(16 * 1024)  # a local one: token_bytes may run meanwhile
+            tokens: list[bytes] = []
+            for token in range(llama_cpp.llama_vocab_n_tokens(self._vocab)):
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+                if n < 0:
+                    raise ModelLoadError(f"token {token} of {self._info.path} is longer than {len(buffer)} bytes")
+                piece = buffer.raw[:n]
+                attr = llama_cpp.llama_vocab_get_attr(self._vocab, token)
+                # Control tokens, and user-defined ones that look like them, are special to llguidance.
+                if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL or (
+                        attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED and piece[:1] == b"<" and piece[-1:] == b">"):
+                    piece = b"\xff" + piece
+                tokens.append(piece)
+            tokens += [b""] * (self._n_vocab - len(tokens))
+            self._llg = llguidance.LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+                tokens=tokens, vocab_ptr=self._vocab, eos_token=sorted(self._info.eos_token_ids),
+                tokenize_fptr=ctypes.cast(llama_cpp.llama_tokenize, ctypes.c_void_p).value)
         return self._llg
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        self._decode(tokens, all_logits=False)
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        # A view of llama.cpp's own buffer, not a copy (1 MB per token for a 262k vocabulary):
+        # the decode loop is done with it, masking in place included, before the next forward.
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        n = self._decode(tokens, all_logits=True)  # one batch: every position's outputs, in order
+        pointer = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(n, self._n_vocab)).copy()  # rows outlive the next decode
+
+    def _decode(self, tokens: Sequence[int], *, all_logits: bool) -> int:
+        """Evaluate ``tokens`` in batches; return how many positions of the last batch have logits."""
         if not tokens:
             raise ValueError("forward needs at least one token")
+        if all_logits and len(tokens) > self._n_batch:  # earlier batches' logits would be gone
+            raise ValueError(f"forward_all evaluates at most {self._n_batch} tokens at once, not {len(tokens)}")
         cached = self._cached
         n_past = len(cached)
         if n_past + len(tokens) > self.n_ctx:
@@ -175,8 +214,8 @@ class LlamaCppBackend(Backend):
                     batch.pos[i] = n_past + i
                     batch.seq_id[i][0] = seq
                     batch.n_seq_id[i] = 1
-                    batch.logits[i] = False
-                batch.logits[n - 1] = True  # only the last position's logits are computed
+                    batch.logits[i] = all_logits
+                batch.logits[n - 1] = True  # usually only the last position's logits are computed
                 batch.n_tokens = n
                 rc = llama_cpp.llama_decode(self._ctx, batch)
                 if rc != 0:
@@ -189,10 +228,7 @@ class LlamaCppBackend(Backend):
             # the KV cache holds the batch but the backend has not recorded it.
             self._reset_cache()
             raise
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        # A view of llama.cpp's own buffer, not a copy (1 MB per token for a 262k vocabulary):
-        # the decode loop is done with it, masking in place included, before the next forward.
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        return n if all_logits else 1
 
     def _reset_cache(self) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, self._slot, 0, -1)

@@ -257,6 +257,15 @@ class TransformersBackend(Backend):
 
     # -- evaluation -------------------------------------------------------------------------------
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        logits = self._evaluate(tokens, self._logits_kwargs)
+        return np.asarray(logits[0, -1].to(device="cpu", dtype=torch.float32).numpy())
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        keep = {"logits_to_keep": len(tokens)} if self._logits_kwargs else {}
+        logits = self._evaluate(tokens, keep)
+        return np.asarray(logits[0, -len(tokens):].to(device="cpu", dtype=torch.float32).numpy())
+
+    def _evaluate(self, tokens: Sequence[int], logits_kwargs: dict[str, Any]) -> Any:
         if len(tokens) == 0:
             raise InvalidRequestError("forward needs at least one token", param="tokens")
         total = len(self._cached) + len(tokens)
@@ -269,15 +278,14 @@ class TransformersBackend(Backend):
         try:
             with torch.inference_mode():
                 output = self._model(
-                    input_ids=input_ids, use_cache=True, **{self._cache_kwarg: self._cache},
-                    **self._logits_kwargs,
+                    input_ids=input_ids, use_cache=True, **{self._cache_kwarg: self._cache}, **logits_kwargs,
                 )  # fmt: skip
         except BaseException:
             # Some layers may hold the new tokens and others not: only an empty cache is sure.
             self._reset_cache()
             raise
         self._cached.extend(tokens)
-        return np.asarray(output.logits[0, -1].to(device="cpu", dtype=torch.float32).numpy())
+        return output.logits
 
     def truncate_cache(self, n_keep: int) -> int:
         """Crop the cache to ``n_keep`` tokens where that is exact, else empty it.

@@ -1,0 +1,95 @@
+"""Prompt-lookup speculation on the packaged models: the same replies as plain decoding, both backends.
+
+Each case runs with ``prompt_lookup`` off, then on, on the same loaded model; the replies (text,
+tool calls, finish reason and token counts) must be equal. Drafts are verified in one forward pass
+of several positions, where plain decoding evaluates one position per pass, so this also checks
+that each backend's multi-position logits agree with its single-position ones closely enough
+never to change a greedy choice on these prompts.
+
+That agreement is the engine's: llama.cpp gives bit-identical logits with flash attention on (the
+default here), and transformers in float32. In bfloat16 (transformers' default on CPUs with native
+bf16) a batched position's logits differ from a single one's by up to ~0.5, and a near-tie can go
+either way, just as between a warm turn and a cold prefill; those runs use float32 here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from local_llm_kit import LLMClient
+
+PASSAGE = ("Invoice 4471 was issued on 3 March 2024 to Harbour Supplies Ltd, 12 Quay Street, Bristol, "
+           "for 40 crates of lamp oil at 18.50 pounds each, due within 30 days.")
+SCHEMA = {
+    "type": "object",
+    "properties": {"invoice": {"type": "string"}, "customer": {"type": "string"},
+                   "address": {"type": "string"}, "items": {"type": "integer"}},
+    "required": ["invoice", "customer", "address", "items"], "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {
+    "name": "send_reminder", "description": "Send a payment reminder to a customer",
+    "parameters": {"type": "object", "properties": {"customer": {"type": "string"}, "address": {"type": "string"}},
+                   "required": ["customer", "address"]}}}]
+
+CASES: dict[str, dict[str, Any]] = {
+    "free chat": {"messages": [{"role": "user", "content": "Write two sentences about autumn."}]},
+    "quote": {"messages": [{"role": "user", "content": f"Repeat this text word for word: {PASSAGE}"}]},
+    "json schema": {
+        "messages": [{"role": "user", "content": f"Extract the invoice fields as JSON. {PASSAGE}"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "invoice", "schema": SCHEMA}},
+    },
+    "forced tool call": {
+        "messages": [{"role": "user", "content": f"Remind the customer of this invoice: {PASSAGE}"}],
+        "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "send_reminder"}},
+    },
+}
+
+
+_float32: dict[str, LLMClient] = {}
+
+
+@pytest.fixture()
+def exact_smol(backend: str, smol: LLMClient) -> LLMClient:
+    return smol if backend == "llama.cpp" else _transformers_float32("smollm2-135m-instruct", smol)
+
+
+@pytest.fixture()
+def exact_gemma(backend: str, gemma: LLMClient) -> LLMClient:
+    return gemma if backend == "llama.cpp" else _transformers_float32("gemma-3-270m", gemma)
+
+
+def _transformers_float32(model: str, like: LLMClient) -> LLMClient:
+    if model not in _float32:
+        _float32[model] = LLMClient(model, backend="transformers", dtype="float32", temperature=0,
+                                    cache_dir=like.settings.cache_dir).load()
+    return _float32[model]
+
+
+def reply(client: LLMClient, **params: Any) -> dict[str, Any]:
+    response = client.chat.completions.create(max_tokens=64, **params)
+    choice = response.choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+    assert response.usage is not None
+    return {"content": choice.message.content, "calls": calls, "finish": choice.finish_reason,
+            "tokens": response.usage.completion_tokens}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_smollm2_replies_are_the_same_with_prompt_lookup(exact_smol: LLMClient, case: str) -> None:
+    plain = reply(exact_smol, prompt_lookup=False, **CASES[case])
+    assert reply(exact_smol, prompt_lookup=True, **CASES[case]) == plain
+
+
+@pytest.mark.parametrize("case", ["quote", "json schema", "forced tool call"])
+def test_gemma_replies_are_the_same_with_prompt_lookup(exact_gemma: LLMClient, case: str) -> None:
+    plain = reply(exact_gemma, prompt_lookup=False, **CASES[case])
+    assert reply(exact_gemma, prompt_lookup=True, **CASES[case]) == plain
+
+
+def test_seeded_sampling_is_reproducible_with_prompt_lookup(smol: LLMClient) -> None:
+    params = {**CASES["quote"], "temperature": 0.8, "top_p": 0.95, "seed": 11, "prompt_lookup": True}
+    first, second = reply(smol, **params), reply(smol, **params)
+    assert first == second
+    assert first["tokens"] > 8

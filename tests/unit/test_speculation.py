@@ -1,0 +1,190 @@
+"""Prompt-lookup speculative decoding: drafts, verification, and output identical to plain decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from local_llm_kit import InvalidRequestError, LLMClient
+from local_llm_kit.backends.base import Backend
+from local_llm_kit.decoding import Finished, GenerationSettings, generate
+from local_llm_kit.sampling import SamplingParams
+from local_llm_kit.speculation import DEFAULT_DRAFT_TOKENS, PromptLookup, draft_tokens
+from local_llm_kit.testing import FakeBackend, fake_client
+
+PASSAGE = ("The lighthouse at Cape Wrath was built in 1828 by Robert Stevenson. Its keepers left in 1998, "
+           "when the light was automated.")
+ASK = [{"role": "user", "content": f"Quote this passage exactly: {PASSAGE}"}]
+
+
+def copying_backend(**kwargs: Any) -> FakeBackend:
+    return FakeBackend(reply=f"Here it is: {PASSAGE}", **kwargs)
+
+
+def run(client: Any, **params: Any) -> tuple[str, list[str]]:
+    reply = client.chat.completions.create(messages=ASK, **params)
+    streamed = [c.choices[0].delta.content or "" for c in
+                client.chat.completions.create(messages=ASK, stream=True, **params) if c.choices]
+    return reply.choices[0].message.content, streamed
+
+
+# -- drafting ----------------------------------------------------------------------------------------
+def test_a_draft_continues_the_latest_occurrence_of_the_last_ngram() -> None:
+    lookup = PromptLookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 1, 2], max_tokens=8)
+    assert lookup.draft(8) == [3, 7, 8, 6]  # the latest "1 2" was followed by 3 7 8 6 (length starts at 4)
+    lookup.extend([3])
+    assert lookup.draft(2) == [7, 8]
+
+
+def test_no_draft_without_a_repeated_ngram_or_room() -> None:
+    assert PromptLookup([1, 2, 3, 4, 5]).draft(8) == []
+    assert PromptLookup([1, 2, 3, 1, 2]).draft(0) == []
+    # One repeated token is not enough: single-token matches are mostly wrong in free text.
+    assert PromptLookup([5, 1, 7, 8, 1]).draft(8) == []
+
+
+def test_the_draft_length_adapts_to_what_is_accepted() -> None:
+    lookup = PromptLookup(list(range(50)) + list(range(10)), max_tokens=8)
+    assert len(lookup.draft(100)) == 4
+    lookup.feedback(4, 4)
+    assert len(lookup.draft(100)) == 6
+    lookup.feedback(6, 6)
+    lookup.feedback(8, 8)
+    assert len(lookup.draft(100)) == 8  # capped at max_tokens
+    lookup.feedback(8, 2)
+    assert len(lookup.draft(100)) == 7
+    assert (lookup.drafted, lookup.accepted) == (26, 20)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, DEFAULT_DRAFT_TOKENS), (False, 0), (0, 0), (5, 5)])
+def test_prompt_lookup_values(value: object, expected: int) -> None:
+    assert draft_tokens(value) == expected
+
+
+@pytest.mark.parametrize("value", [-1, 65, 2.5, "yes"])
+def test_a_bad_prompt_lookup_is_refused_by_name(value: object) -> None:
+    client = fake_client("hi")
+    with pytest.raises(InvalidRequestError) as info:
+        client.chat.completions.create(messages=ASK, prompt_lookup=value)  # type: ignore[arg-type]
+    assert info.value.param == "prompt_lookup"
+    with pytest.raises(InvalidRequestError) as info:
+        LLMClient("fake-model", prompt_lookup=value)  # type: ignore[arg-type]
+    assert info.value.param == "prompt_lookup"
+
+
+def test_prompt_lookup_is_refused_for_a_remote_backend() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        LLMClient("m", backend="openai", base_url="http://127.0.0.1:9/v1", prompt_lookup=True)
+    assert info.value.param == "prompt_lookup"
+
+
+class _OnePositionBackend(FakeBackend):
+    """An engine that only returns the last position's logits (no ``forward_all``)."""
+
+    forward_all = Backend.forward_all  # the contract's own: not implemented
+
+
+def test_a_backend_that_cannot_verify_drafts_refuses_prompt_lookup() -> None:
+    backend = _OnePositionBackend(reply="hi")
+    assert not backend.verifies_drafts
+    client = fake_client(backend=backend)
+    with pytest.raises(InvalidRequestError, match="prompt_lookup") as info:
+        client.chat.completions.create(messages=ASK, prompt_lookup=True)
+    assert info.value.param == "prompt_lookup"
+    assert client.chat.completions.create(messages=ASK).choices[0].message.content == "hi"
+
+
+# -- verification --------------------------------------------------------------------------------------
+def test_greedy_output_is_identical_with_fewer_forward_passes() -> None:
+    plain_backend, fast_backend = copying_backend(), copying_backend()
+    plain = run(fake_client(backend=plain_backend, temperature=0))
+    fast = run(fake_client(backend=fast_backend, temperature=0, prompt_lookup=True))
+    assert fast == plain
+    assert plain[0] == f"Here it is: {PASSAGE}"
+    # Every forward pass of the plain run evaluates one token after the prefill; the copying run
+    # verifies drafts, so it needs far fewer passes for the same reply.
+    assert len(fast_backend.forward_calls) < len(plain_backend.forward_calls) / 3
+    assert max(fast_backend.forward_calls[1:]) > 1
+
+
+def test_the_client_setting_is_the_default_and_a_request_overrides_it() -> None:
+    backend = copying_backend()
+    client = fake_client(backend=backend, temperature=0, prompt_lookup=True)
+    client.chat.completions.create(messages=ASK, prompt_lookup=False)
+    assert set(backend.forward_calls[1:]) == {1}
+    backend.forward_calls.clear()
+    client.chat.completions.create(messages=ASK)
+    assert max(backend.forward_calls[1:]) > 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_sampling_with_a_seed_gives_the_same_tokens(seed: int) -> None:
+    # The fake model gives its scripted token about a third of the probability at temperature 2:
+    # replies wander off the script, and speculation must follow them token for token.
+    params = {"temperature": 2.0, "top_p": 1.0, "seed": seed, "max_tokens": 80}
+    plain = fake_client(backend=copying_backend()).chat.completions.create(messages=ASK, **params)
+    fast = fake_client(backend=copying_backend()).chat.completions.create(messages=ASK, prompt_lookup=4, **params)
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    assert fast.usage == plain.usage
+
+
+@pytest.mark.parametrize("params", [
+    {"max_tokens": 30}, {"stop": ["Stevenson"]}, {"logprobs": True, "top_logprobs": 2},
+    {"frequency_penalty": 1.5, "presence_penalty": 0.5}, {"n": 2, "seed": 3, "temperature": 1.0},
+])
+def test_budget_stops_logprobs_and_penalties_are_unchanged(params: dict[str, Any]) -> None:
+    plain = fake_client(backend=copying_backend(), temperature=0).chat.completions.create(messages=ASK, **params)
+    fast = fake_client(backend=copying_backend(), temperature=0, prompt_lookup=True).chat.completions.create(
+        messages=ASK, **params)
+    assert fast.model_dump(exclude={"id", "created"}) == plain.model_dump(exclude={"id", "created"})
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_rejected_draft_tokens_leave_the_kv_cache(seed: int) -> None:
+    backend = copying_backend()
+    prompt = backend.tokenize(_render(backend, ASK))
+    settings = GenerationSettings(max_tokens=120, sampling=SamplingParams(temperature=2.0, top_p=1.0, seed=seed),
+                                  draft_tokens=6)
+    steps = list(generate(backend, prompt, settings))
+    finished = steps[-1]
+    assert isinstance(finished, Finished)
+    sequence = [*prompt, *finished.token_ids]
+    cached = list(backend.cached_tokens)
+    # Every cached token is the sequence's (the last sampled token is never evaluated), so the
+    # next turn can reuse the whole prefix; drafts that were rejected were trimmed away.
+    checked = min(len(cached), len(sequence) - 1)
+    assert checked >= len(sequence) - 1
+    assert cached[:checked] == sequence[:checked]
+    assert backend.forward_calls.count(1) < len(backend.forward_calls)  # drafts were verified
+
+
+def _render(backend: FakeBackend, messages: Sequence[dict[str, Any]]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+        "<|im_start|>assistant\n"
+
+
+def test_json_schema_output_is_identical_and_drafts_stay_inside_the_grammar() -> None:
+    schema = {"type": "object", "properties": {"quote": {"type": "string"}}, "required": ["quote"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "q", "schema": schema}}
+    reply = f'{{"quote": "{PASSAGE}"}}'
+    plain = fake_client(reply, temperature=0).chat.completions.create(messages=ASK, response_format=fmt)
+    backend = FakeBackend(reply=reply)
+    fast = fake_client(backend=backend, temperature=0, prompt_lookup=True).chat.completions.create(
+        messages=ASK, response_format=fmt)
+    assert fast.choices[0].message.content == plain.choices[0].message.content == reply
+    assert max(backend.forward_calls[1:]) > 1
+
+
+def test_verified_rows_are_the_logits_a_plain_pass_gives() -> None:
+    backend = copying_backend()
+    prompt = backend.tokenize(_render(backend, ASK)) + list(b"Here it")
+    backend.forward(prompt)
+    rows = backend.forward_all(list(b" is: The"))
+    backend.truncate_cache(len(prompt))
+    for i, token in enumerate(b" is: The"):
+        expected = backend.forward([token])
+        np.testing.assert_array_equal(rows[i], expected)
