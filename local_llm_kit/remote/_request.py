@@ -38,6 +38,8 @@ def request_body(request: ChatRequest, model: str, extra: Mapping[str, Any] | No
         "parallel_tool_calls": request.parallel_tool_calls,
         "functions": list(request.functions) if request.functions else None,
         "function_call": request.function_call,
+        # Ours, not OpenAI's: our server honours them; another server decides (vLLM logs and ignores them).
+        "prompt_lookup": request.draft_tokens, "repetition_guard": request.repetition_guard or None,
     }
     body.update({name: value for name, value in optional.items() if value is not None})
     for name, value in (extra or {}).items():

@@ -235,3 +235,14 @@ def test_extra_body(client: LLMClient) -> None:
     with pytest.raises(InvalidRequestError) as theirs:
         client.chat.completions.create(messages=Q, extra_body={"top_k": 5})
     assert theirs.value.param == "top_k"
+
+
+def test_our_own_parameters_reach_the_server(client: LLMClient, backend: CountingBackend) -> None:
+    # prompt_lookup is ours, not OpenAI's: sent in the body, and our server honours it (it drafts
+    # the reply from a prompt that contains it, verifying several tokens per forward pass).
+    quoting = [{"role": "user", "content": f"Say: {REPLY}"}]
+    for prompt_lookup, batched in ((False, False), (True, True)):
+        backend.forward_calls.clear()
+        reply = client.chat.completions.create(messages=quoting, prompt_lookup=prompt_lookup)
+        assert reply.choices[0].message.content == REPLY
+        assert (max(backend.forward_calls[1:]) > 1) is batched
