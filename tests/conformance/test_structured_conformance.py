@@ -205,12 +205,9 @@ def validate(text: str, schema: Any) -> None:
 
 @pytest.mark.parametrize("model", ["smol", "gemma"])
 def test_corpus_json_is_valid_at_every_budget(request: pytest.FixtureRequest, backend: str, model: str) -> None:
-    if model == "gemma":
-        # Open defect (issue 12): on Gemma the closing finds no completion from inside a number the
-        # model keeps extending; calculate_gross_salary at max_tokens 32 on llama.cpp ends with
-        # '{"allowances": {"housing_allowance": 100000000000000000000' (finish "length"), which does
-        # not parse. Not strict: not yet observed on the transformers backend.
-        request.applymarker(pytest.mark.xfail(reason="closing inside a number fails on Gemma", strict=False))
+    # On Gemma (llama.cpp) this sample holds calculate_gross_salary, whose numbers the model keeps
+    # extending ("housing_allowance": 1000000...): each reply is closed inside the number at every
+    # budget (the closing once wrote exponent digits forever there; tests/unit/test_structured_closing.py).
     client = request.getfixturevalue(model)
     reasons = []
     for path in pick(corpus(), backend, model):
