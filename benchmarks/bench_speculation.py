@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import side_by_side, write_results
 
 from local_llm_kit import LLMClient
+from local_llm_kit.speculation import PromptLookup, SpeculationStats
 
 DOCUMENT = (
     "Maintenance notice. The north pier of Harbour Road bridge will close from 6 May to 19 May for "
@@ -103,13 +104,17 @@ def run(model: str, backend: str, threads: int | None, max_tokens: int) -> dict[
     runner = Runner(client, max_tokens)
     out: dict[str, Any] = {}
     for task in TASKS:
+        stats = PromptLookup.stats = SpeculationStats()
         result = side_by_side({
             "off": lambda t=task: runner.decode_rate(t, False),
             "on": lambda t=task: runner.decode_rate(t, True),
         })
+        PromptLookup.stats = None
         out[task] = {"off_tok_s": result["off"]["tok_s"], "on_tok_s": result["on"]["tok_s"],
                      "ratio": result["on"]["tok_s"] / result["off"]["tok_s"], "tokens": result["off"]["tokens"],
-                     "same_reply": runner.replies[(task, False)] == runner.replies[(task, True)]}
+                     "same_reply": runner.replies[(task, False)] == runner.replies[(task, True)],
+                     "acceptance": stats.accepted / max(stats.drafted, 1),
+                     "tokens_per_verification": stats.accepted / max(stats.verifications, 1) + 1}
     client.close()
     return out
 
@@ -122,15 +127,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
     results: dict[str, Any] = {}
-    table = ["| backend | model | task | tokens | off tok/s | on tok/s | on/off | same reply |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = ["| backend | model | task | tokens | off tok/s | on tok/s | on/off | drafts kept | tokens / pass "
+             "| same reply |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for backend in args.backends:
         for model in args.models:
             res = run(model, backend, args.threads, args.max_tokens)
             results[f"{backend}/{model}"] = res
             for task, r in res.items():
                 table.append(f"| {backend} | {model} | {task} | {r['tokens']:.0f} | {r['off_tok_s']:.1f} | "
-                             f"{r['on_tok_s']:.1f} | {r['ratio']:.2f}x | {r['same_reply']} |")
+                             f"{r['on_tok_s']:.1f} | {r['ratio']:.2f}x | {r['acceptance']:.0%} | "
+                             f"{r['tokens_per_verification']:.2f} | {r['same_reply']} |")
     write_results("speculation", {"threads": args.threads, "max_tokens": args.max_tokens, "results": results},
                   table)
 
