@@ -9,7 +9,8 @@ one forward pass evaluates: the drafted tokens ride along with the chosen one, a
 logits then go through exactly the same steps as without a draft. A draft token is kept only
 when the token chosen at its position is that very token, so the output (sampled ones included,
 the random generator being drawn once per position either way) is the one decoding gives without
-drafts.
+drafts, as far as the engine computes a position's logits the same in a batch as alone (see the
+README: transformers in float32 does; bfloat16 and llama.cpp's CPU kernels round differently).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from typing import Literal, Protocol
 import numpy as np
 
 from local_llm_kit.backends.base import Backend
-from local_llm_kit.errors import InvalidRequestError
 from local_llm_kit.sampling import Sampler, SamplingParams, log_softmax
 from local_llm_kit.slots import common_prefix_length as _common_prefix_length
-from local_llm_kit.speculation import PromptLookup, exact_positions
+from local_llm_kit.speculation import PromptLookup
 from local_llm_kit.text import IncrementalDecoder, StopStringMatcher
 from local_llm_kit.types import TokenLogprob, TopLogprob
 
@@ -149,7 +149,7 @@ def generate(
     want_logprobs = settings.top_logprobs is not None
     generated: list[int] = []
     limit = min(settings.max_tokens, backend.n_ctx - len(prompt))
-    lookup, positions = _speculation(backend, prompt, settings.draft_tokens)
+    lookup = PromptLookup(prompt, settings.draft_tokens) if settings.draft_tokens > 0 else None
     verified = _Verified()
 
     steered = False
@@ -235,7 +235,7 @@ def generate(
                 logits = prefill(backend, [*prompt, *generated])  # the cache could not be trimmed
                 continue
             # A draft is worth verifying only where its tokens and one more could still be generated.
-            draft = [] if lookup is None else lookup.draft(min(limit - len(generated) - 1, positions - len(pending)))
+            draft = [] if lookup is None else lookup.draft(limit - len(generated) - 1)
             if draft and constraint is not None:
                 draft = draft[:constraint.valid_prefix(draft)]
             if draft:
@@ -244,21 +244,6 @@ def generate(
                 verified.hold(draft, rows[len(pending):])
             else:
                 logits = backend.forward(pending)
-
-
-def _speculation(backend: Backend, prompt: Sequence[int], draft_tokens: int) -> tuple[PromptLookup | None, int]:
-    """The drafter and the most positions a verification pass may take (before the prompt is
-    evaluated: the first use measures the engine on the slot, which prefill then refills)."""
-    if draft_tokens <= 0:
-        return None, 1
-    positions = exact_positions(backend, draft_tokens + 1)
-    if positions < 2:
-        raise InvalidRequestError(
-            f"prompt_lookup keeps the output of plain decoding only where a forward pass over several positions "
-            f"gives the logits single positions give; this {backend.name} model's differ from 2 positions on "
-            f"(transformers in bfloat16 does: load the model with dtype='float32'), so leave prompt_lookup off",
-            param="prompt_lookup")
-    return PromptLookup(prompt, positions - 1), positions
 
 
 class _Verified:

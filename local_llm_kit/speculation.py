@@ -14,24 +14,15 @@ microseconds over a few thousand tokens) and the rejected tokens of each verific
 
 from __future__ import annotations
 
-import logging
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from local_llm_kit.errors import InvalidRequestError
 
-if TYPE_CHECKING:
-    from local_llm_kit.backends.base import Backend
+__all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "PromptLookup", "SpeculationStats", "draft_tokens"]
 
-__all__ = [
-    "DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "PromptLookup", "SpeculationStats", "draft_tokens", "exact_positions",
-]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_DRAFT_TOKENS = 8
 """Longest draft verified in one pass by default (``prompt_lookup=True``)."""
@@ -116,52 +107,6 @@ class PromptLookup:
             self._length = min(self.max_tokens, self._length + 2)
         else:
             self._length = max(1, self._length - 1)
-
-
-ROUNDING_TOLERANCE = 1e-3
-"""Largest difference between a batched and a single position's logits taken as rounding: float32
-accumulation order (~1e-5 on transformers), far below what separates real alternatives."""
-_PROBE_TEXT = ('The quick brown fox jumps over the lazy dog; {"id": 42, "tags": ["a", "b"], "ok": true} and '
-               "3.14159, said the keeper of the lighthouse at the end of the long stone pier, twice a night. ") * 3
-_measured: weakref.WeakKeyDictionary[Backend, tuple[int, int]] = weakref.WeakKeyDictionary()
-"""Per loaded model: (positions found exact, positions tested)."""
-
-
-def exact_positions(backend: Backend, most: int) -> int:
-    """How many positions (up to ``most``) one forward pass of ``backend`` evaluates with logits
-    bit-identical to evaluating them one by one; measured once per loaded model.
-
-    Speculation keeps a draft token only when it is the token chosen from the verified logits, so
-    its output is plain decoding's exactly when those logits are the ones a single-position pass
-    gives. Engines differ: llama.cpp with flash attention on the CPU is identical at every batch
-    size for SmolLM2's Q4_1 weights but switches to another matrix kernel at 4 positions for
-    Gemma's Q4_K ones; transformers differs from 2 positions on in bfloat16 (by up to ~0.5), not
-    in float32. The probe evaluates a short text both ways on the current slot (the caller
-    refills it) and stops at the first batch size that differs.
-    """
-    root: Backend = getattr(backend, "backend", backend)  # a SlotView measures its engine
-    exact, tested = _measured.get(root, (0, 0))
-    if tested >= most or exact < tested:
-        return min(exact, most)
-    probe = backend.tokenize(_PROBE_TEXT)[:most + 1]
-    backend.truncate_cache(0)
-    backend.forward(probe[:1])
-    single = [np.array(backend.forward([token]), copy=True) for token in probe[1:]]
-    exact = 1
-    for size in range(2, len(single) + 1):
-        if backend.truncate_cache(1) != 1:
-            break  # an engine that cannot trim here cannot verify drafts either
-        rows = backend.forward_all(probe[1:1 + size])
-        drift = max(float(np.max(np.abs(rows[i] - single[i]))) for i in range(size))
-        if not drift <= ROUNDING_TOLERANCE:
-            logger.info("%s: %d positions per pass differ from single ones by up to %.2g", root.name, size, drift)
-            break
-        exact = size
-    backend.truncate_cache(0)
-    _measured[root] = (exact, len(single))
-    logger.info("%s: %d positions per forward pass give logits identical to single ones (%d tested)",
-                root.name, exact, len(single))
-    return min(exact, most)
 
 
 def draft_tokens(value: object, *, param: str = "prompt_lookup") -> int:

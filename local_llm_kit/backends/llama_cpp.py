@@ -84,8 +84,9 @@ class LlamaCppBackend(Backend):
         if options.flash_attn is None:
             # llama.cpp's own default ("auto": on wherever the device supports it), which
             # llama-cpp-python turns off. On the CPU it also makes a position's logits the same
-            # whether it is evaluated alone or in a batch (without it they differ by up to ~1 on
-            # SmolLM2), so a warm turn, a cold prefill and a verified draft give the same tokens.
+            # whether it is evaluated alone or in a batch while fewer than 256 tokens are cached
+            # (without it they differ by up to ~1 on SmolLM2 from the start); past 256 a batch
+            # is tiled differently and they differ again (see the README's KV-reuse notes).
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         try:
             context = llama_internals.LlamaContext(model=self._llama._model, params=params, verbose=False)

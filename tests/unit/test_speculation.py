@@ -188,35 +188,3 @@ def test_verified_rows_are_the_logits_a_plain_pass_gives() -> None:
     for i, token in enumerate(b" is: The"):
         expected = backend.forward([token])
         np.testing.assert_array_equal(rows[i], expected)
-
-
-class _RoundingBackend(FakeBackend):
-    """Batched logits that differ slightly from single ones from position ``from_position`` on, as
-    an engine switching to another matrix kernel for larger batches does."""
-
-    def __init__(self, from_position: int, **kwargs: Any) -> None:
-        super().__init__(reply=f"Here it is: {PASSAGE}", **kwargs)
-        self.from_position = from_position
-
-    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
-        rows = super().forward_all(tokens)
-        if len(tokens) > self.from_position:
-            rows[self.from_position:] += np.float32(1e-3)
-        return rows
-
-
-def test_drafts_are_capped_where_batched_logits_stop_matching_single_ones() -> None:
-    backend = _RoundingBackend(3)  # exact for up to 3 positions per pass
-    fast = fake_client(backend=backend, temperature=0, prompt_lookup=8).chat.completions.create(messages=ASK)
-    assert fast.choices[0].message.content == f"Here it is: {PASSAGE}"
-    calls = backend.forward_calls
-    after_prefill = calls[calls.index(max(calls)) + 1:]  # the prompt is the longest pass; the probe is before it
-    assert max(after_prefill) == 3
-
-
-def test_prompt_lookup_is_refused_where_no_batch_matches_single_positions() -> None:
-    client = fake_client(backend=_RoundingBackend(1), temperature=0)
-    with pytest.raises(InvalidRequestError, match="float32") as info:
-        client.chat.completions.create(messages=ASK, prompt_lookup=True)
-    assert info.value.param == "prompt_lookup"
-    assert client.chat.completions.create(messages=ASK).choices[0].message.content.startswith("Here it is")
