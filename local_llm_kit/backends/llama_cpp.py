@@ -81,13 +81,6 @@ class LlamaCppBackend(Backend):
         params.n_seq_max = n_slots
         params.kv_unified = False
         params.swa_full = True  # a full-size sliding-window cache can be trimmed to any prefix
-        if options.flash_attn is None:
-            # llama.cpp's own default ("auto": on wherever the device supports it), which
-            # llama-cpp-python turns off. On the CPU it also makes a position's logits the same
-            # whether it is evaluated alone or in a batch while fewer than 256 tokens are cached
-            # (without it they differ by up to ~1 on SmolLM2 from the start); past 256 a batch
-            # is tiled differently and they differ again (see the README's KV-reuse notes).
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         try:
             context = llama_internals.LlamaContext(model=self._llama._model, params=params, verbose=False)
         except ValueError as exc:
@@ -110,7 +103,7 @@ class LlamaCppBackend(Backend):
         self._info = self._read_info(path, {
             "kv_slots": str(n_slots), "n_gpu_layers": str(gpu.get("n_gpu_layers", 0)),
             "gpu_offload": str(bool(llama_cpp.llama_supports_gpu_offload())).lower(),
-            "flash_attn": "auto" if options.flash_attn is None else str(options.flash_attn).lower(),
+            "flash_attn": str(bool(gpu.get("flash_attn", False))).lower(),
         })
         if gpu:
             logger.info("llama.cpp GPU options for %s: %s", Path(path).name, gpu)

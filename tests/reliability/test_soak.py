@@ -23,7 +23,7 @@ from tests.reliability.support import MODEL, greedy_answer, rss_bytes
 
 MIB = 1024 * 1024
 FAKE_REQUESTS = 1000
-REAL_REQUESTS = 100
+REAL_REQUESTS = 60
 FAKE_GROWTH_BOUND = 16 * MIB
 REAL_GROWTH_BOUND = 32 * MIB
 
