@@ -274,14 +274,13 @@ class _Verified:
     def reject(self, backend: Backend, lookup: PromptLookup | None, expected: int) -> bool:
         """Forget the draft's unused tail, in the KV cache too; False when the cache no longer
         holds the ``expected`` tokens (an engine that cannot trim to any length kept fewer)."""
-        if lookup is not None and self.proposed:
-            lookup.feedback(self.proposed, self.kept)
         if self.tokens:
             backend.truncate_cache(len(backend.cached_tokens) - len(self.tokens))
-        self.tokens, self.rows, self.proposed, self.kept = [], [], 0, 0
+        self.drop(lookup)
         return len(backend.cached_tokens) == expected
 
     def drop(self, lookup: PromptLookup | None) -> None:
+        """Forget the draft (the cache is being rebuilt anyway); tell the drafter how it fared."""
         if lookup is not None and self.proposed:
             lookup.feedback(self.proposed, self.kept)
         self.tokens, self.rows, self.proposed, self.kept = [], [], 0, 0

@@ -135,15 +135,12 @@ class RemoteEndpoint:
             try:
                 response = self._http.request(method, url, json=body, timeout=timeout or self.timeout,
                                               headers=dict(headers or {}), params=params)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt < self.max_retries:
+            except httpx.HTTPError as exc:
+                error = self._failure(exc, url, timeout, attempt)
+                if error is None:
                     self._backoff(attempt, None)
                     continue
-                raise unreachable(url, exc) from exc
-            except httpx.TimeoutException as exc:
-                raise RemoteServerError(f"{url} did not answer within {timeout or self.timeout} s") from exc
-            except httpx.HTTPError as exc:
-                raise RemoteServerError(f"the request to {url} failed: {exc!r}") from exc
+                raise error from exc
             if response.status_code in _RETRY_STATUSES and attempt < self.max_retries:
                 self._backoff(attempt, response.headers.get("retry-after"))
                 continue
@@ -164,15 +161,12 @@ class RemoteEndpoint:
                                                headers=dict(headers or {}), params=params)
             try:
                 response = self._http.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt < self.max_retries:
+            except httpx.HTTPError as exc:
+                error = self._failure(exc, url, timeout, attempt)
+                if error is None:
                     self._backoff(attempt, None)
                     continue
-                raise unreachable(url, exc) from exc
-            except httpx.TimeoutException as exc:
-                raise RemoteServerError(f"{url} did not answer within {timeout or self.timeout} s") from exc
-            except httpx.HTTPError as exc:
-                raise RemoteServerError(f"the request to {url} failed: {exc!r}") from exc
+                raise error from exc
             if response.status_code == 200:
                 return response
             content = response.read()
@@ -195,15 +189,12 @@ class RemoteEndpoint:
             try:
                 response = await client.post(url, json=body, timeout=timeout or self.timeout,
                                              headers=dict(headers or {}), params=params)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt < self.max_retries:
+            except httpx.HTTPError as exc:
+                error = self._failure(exc, url, timeout, attempt)
+                if error is None:
                     await asyncio.sleep(_delay(attempt, None))
                     continue
-                raise unreachable(url, exc) from exc
-            except httpx.TimeoutException as exc:
-                raise RemoteServerError(f"{url} did not answer within {timeout or self.timeout} s") from exc
-            except httpx.HTTPError as exc:
-                raise RemoteServerError(f"the request to {url} failed: {exc!r}") from exc
+                raise error from exc
             if response.status_code in _RETRY_STATUSES and attempt < self.max_retries:
                 await asyncio.sleep(_delay(attempt, response.headers.get("retry-after")))
                 continue
@@ -216,6 +207,15 @@ class RemoteEndpoint:
         if self._async is None or self._async[0] is not loop:
             self._async = (loop, httpx.AsyncClient(timeout=self.timeout, headers=self._headers))
         return self._async[1]
+
+    def _failure(self, exc: httpx.HTTPError, url: str, timeout: float | None, attempt: int) -> Exception | None:
+        """The error a transport failure raises, or None when it is retried (a connection that
+        could not be made: nothing was sent, so another attempt is safe)."""
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return None if attempt < self.max_retries else unreachable(url, exc)
+        if isinstance(exc, httpx.TimeoutException):
+            return RemoteServerError(f"{url} did not answer within {timeout or self.timeout} s")
+        return RemoteServerError(f"the request to {url} failed: {exc!r}")
 
     def _backoff(self, attempt: int, retry_after: str | None) -> None:
         time.sleep(_delay(attempt, retry_after))
