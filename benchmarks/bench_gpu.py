@@ -17,8 +17,9 @@ Sections (each one is wrapped: a failure is recorded and the others still run an
    token's logits on the host), plus the tokens that first forward was fed.
 2. **Request path**: as ``bench_throughput.request_path``: wall time of ``create(max_tokens=1)``
    on a warm turn, memory on, minus the time inside ``backend.forward``/``forward_all``.
-   Incremental encoding against whole tokenization (``engine._boundaries = ()``), and against
-   whole rendering and tokenization (``incremental_render = False`` too).
+   Incremental encoding against whole tokenization (``engine.encoder._boundaries = ()``,
+   ``prefix_reuse = False``), and against whole rendering and tokenization
+   (``incremental_render = False`` too).
 3. **Model floor**: the backend's own ``forward`` with no request path: a cold prefill of the
    whole prompt against a warm forward of the new tokens a warm turn feeds (measured in 1),
    and one decode step. The best warm/cold ratio the library could reach on this model.
@@ -228,8 +229,9 @@ class Bench:
 
     def path_turn(self, incremental_tokenize: bool, incremental_render: bool) -> dict[str, float]:
         engine, client = self.engine, self.client
-        engine._boundaries = self._boundaries if incremental_tokenize else ()
-        engine.incremental_render = incremental_render
+        engine.encoder._boundaries = self._boundaries if incremental_tokenize else ()
+        engine.encoder.prefix_reuse = incremental_tokenize
+        engine.encoder.incremental_render = incremental_render
         self.counter += 1
         client.chat.completions.create(messages=[{"role": "user", "content": f"Question {self.counter}: one word?"}],
                                        max_tokens=1)  # the previous turn: the next one is warm
@@ -242,7 +244,7 @@ class Bench:
                 "forward_tokens": float(sum(self.clock.calls))}
 
     def request_path(self, targets: list[int]) -> dict[str, Any]:
-        self._boundaries = self.engine._boundaries
+        self._boundaries = self.engine.encoder._boundaries
         out: dict[str, Any] = {"incremental_tokenization_available": bool(self._boundaries)}
         try:
             for target in targets:
@@ -255,8 +257,9 @@ class Bench:
                 print(f"path ~{target}: {json.dumps(out[str(target)])}", flush=True)
                 self.client.disable_memory()
         finally:
-            self.engine._boundaries = self._boundaries
-            self.engine.incremental_render = True
+            self.engine.encoder._boundaries = self._boundaries
+            self.engine.encoder.prefix_reuse = True
+            self.engine.encoder.incremental_render = True
             self.client.disable_memory()
         return out
 
@@ -393,7 +396,7 @@ class Bench:
     def profile(self, target: int, device: str) -> str:
         """cProfile of warm turns (Python side) and a torch.profiler summary of one warm and one cold turn."""
         parts: list[str] = []
-        self._boundaries = self.engine._boundaries
+        self._boundaries = self.engine.encoder._boundaries
         self._reset_memory(target)
         for _ in range(2):
             self.path_turn(True, True)

@@ -107,7 +107,7 @@ def request_path(model: str, backend: str, threads: int | None) -> dict[str, Any
     client = LLMClient(model, backend=backend, temperature=0, context_length=4096, n_threads=threads).load()
     engine = client.engine
     clock = ForwardClock(client)
-    boundaries = engine._boundaries
+    boundaries = engine.encoder._boundaries
     out: dict[str, Any] = {}
     turn = [0]
     for target in PATH_TARGETS:
@@ -117,7 +117,8 @@ def request_path(model: str, backend: str, threads: int | None) -> dict[str, Any
         client.add_to_memory(history)
 
         def warm_turn(incremental: bool) -> dict[str, float]:
-            engine._boundaries = boundaries if incremental else ()
+            engine.encoder._boundaries = boundaries if incremental else ()
+            engine.encoder.prefix_reuse = incremental
             turn[0] += 1
             question = {"role": "user", "content": f"Question {turn[0]}: one word?"}
             client.chat.completions.create(messages=[question], max_tokens=1)  # the previous turn: warm
@@ -131,7 +132,7 @@ def request_path(model: str, backend: str, threads: int | None) -> dict[str, Any
         out[str(target)] = {"history_tokens": len(engine.encode(client.memory)),
                             **{f"{k}_{m}": v for k, r in result.items() for m, v in r.items()}}
         client.disable_memory()
-    engine._boundaries = boundaries
+    engine.encoder._boundaries, engine.encoder.prefix_reuse = boundaries, True
     client.close()
     return out
 

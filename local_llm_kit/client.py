@@ -414,23 +414,36 @@ class _Completions:
         # The remembered history goes first, trimmed further (oldest turns first) when the
         # whole prompt would not fit the context; a new system message replaces the old one.
         new = list(request.messages)
-        replaces_system = any(m["role"] == "system" for m in new)
-        error: TokenLimitError | None = None
-        for dropped, history in enumerate(memory.candidates()):
-            if replaces_system:
-                history = [m for m in history if m["role"] != "system"]
-                new = [m for m in new if m["role"] == "system"] + [m for m in new if m["role"] != "system"]
+        system, turns = memory.turns()
+        if any(m["role"] == "system" for m in new):
+            system = []
+            new = [m for m in new if m["role"] == "system"] + [m for m in new if m["role"] != "system"]
+            turns = [[m for m in turn if m["role"] != "system"] for turn in turns]
+
+        def attempt(drop: int) -> chat_path.PreparedChat | TokenLimitError:
+            history = system + [m for turn in turns[drop:] for m in turn]
             try:
-                prepared = chat_path.prepare(engine, replace(request, messages=tuple(history + new)),
-                                             self._client.model)
+                return chat_path.prepare(engine, replace(request, messages=tuple(history + new)), self._client.model)
             except TokenLimitError as exc:
-                error = exc
-                continue
-            if dropped:
-                logger.info("memory: left out the %d oldest turns to fit the context", dropped)
-            return engine, prepared, new_messages, timeout
-        assert error is not None
-        raise error
+                return exc
+
+        # Whole history first (the common case); past the context, the fewest turns to leave
+        # out by bisection, as each try renders and tokenizes a prompt that starts anew.
+        fits = attempt(0)
+        if isinstance(fits, TokenLimitError):
+            shortest = attempt(len(turns)) if turns else fits
+            if isinstance(shortest, TokenLimitError):
+                raise shortest
+            low, high, fits = 0, len(turns), shortest  # attempt(low) fails, attempt(high) fits
+            while high - low > 1:
+                middle = (low + high) // 2
+                tried = attempt(middle)
+                if isinstance(tried, TokenLimitError):
+                    low = middle
+                else:
+                    high, fits = middle, tried
+            logger.info("memory: left out the %d oldest turns to fit the context", high)
+        return engine, fits, new_messages, timeout
 
     def _remember(self, new_messages: Sequence[dict[str, Any]], reply: Message) -> None:
         """After a successful call: the new messages and the reply join the memory."""

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +87,19 @@ class ConversationMemory:
         with self._lock:
             self._messages.clear()
 
-    def candidates(self) -> list[Messages]:
-        """The history to send, from whole to most trimmed (system message always kept)."""
+    def turns(self) -> tuple[Messages, list[Messages]]:
+        """The leading system messages and the remembered turns (see :func:`split_turns`)."""
         with self._lock:
-            system, turns = split_turns(self._messages)
-            return [system + [m for turn in turns[drop:] for m in turn] for drop in range(len(turns) + 1)]
+            return split_turns(self._messages)
+
+    def candidates(self) -> Iterator[Messages]:
+        """The history to send, from whole to most trimmed (system message always kept).
+
+        Built one at a time: a prompt that fits the context takes only the first.
+        """
+        system, turns = self.turns()
+        for drop in range(len(turns) + 1):
+            yield system + [m for turn in turns[drop:] for m in turn]
 
     def _trim_to_budget(self) -> int:
         system, turns = split_turns(self._messages)

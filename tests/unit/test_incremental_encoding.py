@@ -26,14 +26,15 @@ class CountingBackend(FakeBackend):
 
 def whole_encode(engine: Engine, messages: Sequence[dict[str, Any]]) -> list[int]:
     """What encode() gives with segmenting off and nothing memoized."""
-    boundaries, segments = engine._boundaries, dict(engine._segments)
-    engine._boundaries = ()
-    engine._segments.clear()
+    encoder = engine.encoder
+    boundaries, segments, reuse = encoder._boundaries, dict(encoder._segments), encoder.prefix_reuse
+    encoder._boundaries, encoder.prefix_reuse = (), False
+    encoder._segments.clear()
     try:
         return engine.encode(messages)
     finally:
-        engine._boundaries = boundaries
-        engine._segments.update(segments)
+        encoder._boundaries, encoder.prefix_reuse = boundaries, reuse
+        encoder._segments.update(segments)
 
 
 def chat(client: LLMClient, turns: int) -> list[list[dict[str, Any]]]:
@@ -50,18 +51,18 @@ def chat(client: LLMClient, turns: int) -> list[list[dict[str, Any]]]:
 def test_incremental_ids_equal_a_whole_encode_over_a_conversation_with_memory() -> None:
     client = fake_client(lambda prompt: f"Reply {prompt.count('Question')}: fine.<|im_end|> trailing? no")
     engine = client.engine
-    assert engine._boundaries  # the fake tokenizer's end-of-turn tokens
+    assert engine.encoder._boundaries  # the fake tokenizer's end-of-turn tokens
     prompts = chat(client, 12)
     for messages in prompts:
         assert engine.encode(messages) == whole_encode(engine, messages)
-    assert engine._segment_checks == 0 and engine._boundaries  # every check passed, segmenting stays on
+    assert engine.encoder._segment_checks == 0 and engine.encoder._boundaries  # every check passed, segmenting stays on
 
 
 def test_a_warm_turn_tokenizes_only_what_is_new() -> None:
     backend = CountingBackend("A fairly long reply that becomes part of the history. " * 3)
     client = fake_client(backend=backend)
     chat(client, 10)  # past the first checks against whole tokenizations
-    assert client.engine._segment_checks == 0
+    assert client.engine.encoder._segment_checks == 0
     history_chars = len(client.engine.render(client.memory))
     backend.tokenized.clear()
     client.chat.completions.create(messages=[{"role": "user", "content": "One more question."}])
@@ -88,7 +89,7 @@ def test_a_tokenizer_that_breaks_segmenting_is_tokenized_whole(caplog: pytest.Lo
     with caplog.at_level("WARNING"):
         ids = engine.encode(messages)
     assert ids == engine.backend.tokenize(engine.render(messages))
-    assert engine._boundaries == () and "tokenizing whole" in caplog.text
+    assert engine.encoder._boundaries == () and "tokenizing whole" in caplog.text
 
 
 # -- incremental rendering --------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def test_incremental_rendering_equals_whole_rendering(template: str | None, arch
         client.enable_memory(max_tokens=100_000)
         client.add_to_memory([{"role": "system", "content": "Be brief."}])
     prompts = chat(client, 12)
-    assert engine.incremental_render, "every check against a whole rendering passed"
+    assert engine.encoder.incremental_render, "every check against a whole rendering passed"
     for messages in prompts:
         for generation_prompt in (True, False):
             assert engine.render(messages, add_generation_prompt=generation_prompt) == \
@@ -148,7 +149,7 @@ def test_a_template_that_numbers_messages_is_rendered_whole(caplog: pytest.LogCa
     engine = client.engine
     with caplog.at_level("WARNING"):
         prompts = chat(client, 4)
-    assert not engine.incremental_render and "rendering whole" in caplog.text
+    assert not engine.encoder.incremental_render and "rendering whole" in caplog.text
     for messages in prompts:
         assert engine.render(messages) == engine.template.render(messages)
 
@@ -157,7 +158,7 @@ def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
     client = fake_client("A reply.")
     engine = client.engine
     chat(client, 12)  # past the checks against whole renderings
-    assert engine._render_checks == 0 and engine.incremental_render
+    assert engine.encoder._render_checks == 0 and engine.encoder.incremental_render
     rendered: list[int] = []
     inner = engine.template.render
 
@@ -168,3 +169,76 @@ def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
     engine.template.render = counting  # type: ignore[method-assign]
     client.chat.completions.create(messages=[{"role": "user", "content": "One more."}])
     assert rendered and max(rendered) <= 5 < len(client.memory)
+
+
+# -- encoded prefixes ---------------------------------------------------------------------------------
+
+def segments_walked(client: LLMClient, message: dict[str, Any]) -> int:
+    """How many prompt segments one request (prompt and the memory's count after it) went through."""
+    encoder = client.engine.encoder
+    walked: list[int] = []
+    inner = encoder._tokenize_segments
+
+    def counting(text: str) -> list[tuple[str, tuple[int, ...]]]:
+        result = inner(text)
+        walked.append(len(result))
+        return result
+
+    encoder._tokenize_segments = counting  # type: ignore[method-assign]
+    try:
+        client.chat.completions.create(messages=[message])
+    finally:
+        del encoder._tokenize_segments
+    return sum(walked)
+
+
+def test_a_warm_turn_walks_the_same_segments_at_ten_and_forty_turns() -> None:
+    client = fake_client(backend=FakeBackend("A reply that joins the history.", n_ctx=32_768))
+    chat(client, 10)
+    assert client.engine.encoder._prefix_checks == 0 and client.engine.encoder.prefix_reuse
+    at_ten = segments_walked(client, {"role": "user", "content": "Question at ten."})
+    chat(client, 30)
+    at_forty = segments_walked(client, {"role": "user", "content": "Question at forty."})
+    assert at_ten == at_forty <= 6
+    assert len(client.memory) > 70
+
+
+def test_prefixed_ids_equal_a_whole_encode_with_tools_and_a_reply_repeated_in_a_question() -> None:
+    tool = {"type": "function", "function": {"name": "look_up", "description": "Look a word up.",
+                                             "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+    client = fake_client("Paris")
+    engine = client.engine
+    client.enable_memory(max_tokens=100_000)
+    prompts = []
+    for i in range(12):  # the reply's text also appears in the next questions, before the reply
+        new = {"role": "user", "content": f"Paris? Paris! ({i})"}
+        prompts.append([*client.memory, new])
+        client.chat.completions.create(messages=[new], tools=[tool], tool_choice="none")
+    for messages in prompts:
+        assert engine.encode(messages, tools=[tool]) == whole_encode_with_tools(engine, messages, [tool])
+    assert engine.encoder.prefix_reuse
+
+
+def whole_encode_with_tools(engine: Engine, messages: Sequence[dict[str, Any]],
+                            tools: list[dict[str, Any]]) -> list[int]:
+    encoder = engine.encoder
+    encoder.prefix_reuse = False
+    try:
+        return engine.encode(messages, tools=tools)
+    finally:
+        encoder.prefix_reuse = True
+
+
+def test_a_prefix_that_disagrees_with_a_whole_encode_turns_prefixes_off(caplog: pytest.LogCaptureFixture) -> None:
+    client = fake_client("Fine.")
+    encoder = client.engine.encoder
+    prompts = chat(client, 3)
+    messages = [*client.memory, {"role": "user", "content": "Next."}]
+    expected = whole_encode(client.engine, messages)
+    for key, prefix in list(encoder._prefixes.items()):  # as if a memoized prefix had gone stale
+        encoder._prefixes[key] = type(prefix)(prefix.text, (0, *prefix.ids[1:]))
+    assert encoder._prefix_checks > 0
+    with caplog.at_level("WARNING"):
+        assert client.engine.encode(messages) == expected
+    assert not encoder.prefix_reuse and "encoding whole from now on" in caplog.text
+    assert all(client.engine.encode(m) == whole_encode(client.engine, m) for m in prompts)

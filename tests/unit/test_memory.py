@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +198,28 @@ def test_generated_ids_are_reused_next_turn() -> None:
     new_turn = len(backend.tokenize("<|im_end|>\n<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n"))
     assert backend.forward_calls[0] <= new_turn + 1
     assert second.usage.prompt_tokens == client.count_tokens(client.memory[:-1])
+
+
+@pytest.mark.parametrize("turns", [3, 8, 40])
+def test_the_fewest_turns_are_left_out_to_fit_the_context(turns: int) -> None:
+    client = make(n_ctx=400)
+    client.enable_memory(max_tokens=100_000)
+    history = [m for i in range(turns) for m in (user(f"question number {i}"),
+                                                 {"role": "assistant", "content": f"answer {i}"})]
+    client.add_to_memory(history)
+    engine = client.engine
+    sent: list[int] = []
+    inner = engine.encode
+
+    def recording(messages: Any, **kwargs: Any) -> list[int]:
+        sent.append(len(messages))
+        return inner(messages, **kwargs)
+
+    engine.encode = recording  # type: ignore[method-assign]
+    response = client.chat.completions.create(messages=[user("now")], max_tokens=30)
+    kept = response.usage.prompt_tokens  # the prompt actually sent
+    fitting = [drop for drop in range(turns + 1)
+               if len(inner([*history[2 * drop:], user("now")])) + 30 <= 400]
+    assert fitting, "the newest message alone fits"
+    assert kept == len(inner([*history[2 * fitting[0]:], user("now")]))  # no more turns left out than needed
+    assert len(sent) <= 2 + (turns + 1).bit_length() + 1  # bisection, not one try per turn

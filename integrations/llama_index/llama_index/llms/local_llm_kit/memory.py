@@ -93,7 +93,7 @@ class LocalLLMKitMemory(BaseMemory):
         if initial_token_count > self.token_limit:
             raise InvalidRequestError(f"initial_token_count {initial_token_count} exceeds token_limit "
                                       f"{self.token_limit}", param="initial_token_count")
-        candidates = self._memory.candidates()  # from the whole history to the most trimmed
+        candidates = list(self._memory.candidates())  # from the whole history to the most trimmed
         chosen = candidates[0]
         if initial_token_count:
             client = self.llm.client

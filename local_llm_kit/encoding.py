@@ -1,0 +1,425 @@
+"""Prompt encoding: a conversation rendered with its chat template and tokenized, paying only for what is new.
+
+A warm turn differs from the previous prompt of its conversation by a few messages. Three memos
+make the cost of encoding it follow those messages, not the history:
+
+- renderings (:meth:`PromptEncoder.render`): the text of recent conversations, so that only the
+  new messages go through the template (with the opening and the last known message, which
+  templates look at);
+- segments (:meth:`PromptEncoder._tokenize`): the ids of each piece of text between end-of-turn
+  tokens, so that a turn is tokenized once;
+- encoded prefixes (:meth:`PromptEncoder.encode`): the ids of recent conversations up to their
+  last safe cut (an end-of-turn token, or the end of a generated reply), so that a warm turn
+  neither walks the history's segments nor splices its replies again.
+
+Each shortcut is checked against the whole computation for its first few uses; one that disagrees
+(a template that rewrites earlier turns, a tokenizer that merges across special tokens) is turned
+off with a warning, and the whole computation is used from then on. Replies this engine
+generated keep the ids they were generated as: re-tokenizing their text can give other ids,
+which would change what the model sees and defeat KV-cache reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from local_llm_kit.backends import Backend
+from local_llm_kit.errors import TemplateError
+from local_llm_kit.templates import ChatTemplate
+
+__all__ = ["PromptEncoder"]
+
+logger = logging.getLogger(__name__)
+
+# Recent replies whose generated token ids are kept for re-use in the next prompts.
+_REMEMBERED_GENERATIONS = 64
+# Tokenized segments of recent prompts (see _tokenize): a turn is tokenized once.
+_SEGMENT_MEMO = 4096
+# Segmented tokenizations checked against a whole one before the encoder trusts segmenting.
+_SEGMENT_CHECKS = 8
+# Recent renderings kept for incremental rendering, how far back from a conversation's end one
+# is looked for, and how many incremental renderings are checked against a whole rendering.
+_RENDER_MEMO = 64
+_RENDER_LOOKBACK = 8
+_RENDER_CHECKS = 8
+# Encoded prefixes of recent conversations, and how many encodings built on one are checked.
+_PREFIX_MEMO = 64
+_PREFIX_CHECKS = 8
+
+Key = tuple[str, tuple[Any, ...]]
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The ids of ``text``, the start of a rendered conversation cut where tokenization is split."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+class PromptEncoder:
+    """Renders and tokenizes conversations for one loaded model (thread-safe)."""
+
+    def __init__(self, template: ChatTemplate, backend: Backend, model_name: str) -> None:
+        self.template = template
+        self.backend = backend
+        self.model_name = model_name
+        self._generated: OrderedDict[str, list[int]] = OrderedDict()
+        self._generated_lock = threading.Lock()
+        self._segments: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._segments_lock = threading.Lock()
+        self._segment_checks = _SEGMENT_CHECKS
+        self._boundaries = self._segment_boundaries()
+        self._renders: OrderedDict[Key, str] = OrderedDict()  # text without the generation prompt
+        self._renders_lock = threading.Lock()
+        self._render_checks = _RENDER_CHECKS
+        self.incremental_render = True
+        self._prefixes: OrderedDict[Key, _Prefix] = OrderedDict()
+        self._prefixes_lock = threading.Lock()
+        self._prefix_checks = _PREFIX_CHECKS
+        self.prefix_reuse = True
+        # Reply markers (see _split_at_replies) are unique to this encoder, not to each call, so
+        # that marked conversations render incrementally too.
+        self._marker_salt = uuid.uuid4().hex
+
+    # -- rendering ------------------------------------------------------------------------------
+    def render(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """The chat template applied to ``messages``, rendering only what is new when it can.
+
+        A conversation whose earlier messages were rendered recently is rendered as that text
+        plus the rendering of the new messages: the template is applied to the opening messages
+        (system messages and the first one after them, which templates treat specially), the
+        last already-rendered message (which some templates look back to) and the new messages,
+        and the opening's own rendering is cut off. The first few such renderings are checked
+        against a whole rendering; a template whose output differs (one that looks further
+        back, or rewrites earlier turns) is rendered whole from then on.
+        """
+        return self._render(messages, tools, add_generation_prompt, _key(messages, tools))
+
+    def _render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+                add_generation_prompt: bool, key: Key | None) -> str:
+        if key is None or not self.incremental_render or len(messages) < 3:
+            return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        text = self._render_incrementally(messages, key, tools, add_generation_prompt)
+        if text is None:
+            text = self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+            # What the next turn builds on: the text without the generation prompt.
+            self._remember_render(key, text if not add_generation_prompt else
+                                  self.template.render(messages, tools=tools, add_generation_prompt=False))
+        return text
+
+    def _render_incrementally(self, messages: Sequence[Mapping[str, Any]], key: Key,
+                              tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool) -> str | None:
+        opening = 0
+        while opening < len(messages) and messages[opening].get("role") == "system":
+            opening += 1
+        opening += 1  # and the first message after the system messages
+        # The known part is the conversation up to its last few messages (the previous turn:
+        # a reply, tool results, the new user message); looked up by hash, longest first.
+        found = _longest(self._renders, self._renders_lock, key, opening + 1)
+        if found is None:
+            return None
+        known, known_text = found
+        anchor = [*messages[:opening], *messages[max(opening, known - 1):known]]
+        new = list(messages[known:])
+        render = self.template.render
+        head = render(anchor, tools=tools, add_generation_prompt=False)
+        tail_open = render([*anchor, *new], tools=tools, add_generation_prompt=False)
+        tail = tail_open if not add_generation_prompt else render([*anchor, *new], tools=tools,
+                                                                  add_generation_prompt=True)
+        if not (tail_open.startswith(head) and tail.startswith(head)):
+            return None
+        text = known_text + tail[len(head):]
+        if self._render_checks > 0:
+            whole = render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+            with self._renders_lock:
+                self._render_checks -= 1
+                if whole != text:
+                    logger.warning("%s: the chat template renders conversations differently in parts than whole; "
+                                   "rendering whole from now on", self.model_name)
+                    self.incremental_render = False
+                    self._render_checks = 0
+            if whole != text:
+                return whole
+        if new:
+            self._remember_render(key, known_text + tail_open[len(head):])
+        return text
+
+    def _remember_render(self, key: Key, text: str) -> None:
+        _remember(self._renders, self._renders_lock, key, text, _RENDER_MEMO)
+
+    # -- encoding -------------------------------------------------------------------------------
+    def encode(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+               add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation: exactly what the model is fed.
+
+        An assistant message this engine generated keeps the token ids it was generated as; the
+        rest of the text is tokenized normally. A conversation that extends one encoded recently
+        starts from that one's ids (see the module's docstring).
+        """
+        key = _key(messages, tools)
+        text = self._render(messages, tools, add_generation_prompt, key)
+        with self._generated_lock:
+            generated = {i: self._generated[m["content"]] for i, m in enumerate(messages)
+                         if m.get("role") == "assistant" and isinstance(m.get("content"), str)
+                         and m["content"] in self._generated}
+        # The text the next turn starts with: this conversation without the generation prompt.
+        base: str | None = text
+        if add_generation_prompt:
+            with self._renders_lock:
+                base = self._renders.get(key) if key is not None else None
+        built: tuple[list[int], _Prefix | None] | None = None
+        found = _longest(self._prefixes, self._prefixes_lock, key, 1) if key and self.prefix_reuse else None
+        if found is not None and text.startswith(found[1].text):
+            start, known = found
+            built = self._encode_after(messages, text, tools, add_generation_prompt, generated, base, start, known)
+            if built is not None and self._prefix_checks > 0:
+                built = self._check_prefixed(built, self._encode_whole(messages, text, tools, add_generation_prompt,
+                                                                       generated, base))
+        if built is None:
+            built = self._encode_whole(messages, text, tools, add_generation_prompt, generated, base)
+        ids, cut = built
+        if key is not None and cut is not None and self.prefix_reuse:
+            _remember(self._prefixes, self._prefixes_lock, key, cut, _PREFIX_MEMO)
+        return ids
+
+    def _encode_whole(self, messages: Sequence[Mapping[str, Any]], text: str,
+                      tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
+                      generated: Mapping[int, list[int]], base: str | None) -> tuple[list[int], _Prefix | None]:
+        built = self._encode_after(messages, text, tools, add_generation_prompt, generated, base, 0, None)
+        if built is None:  # the template treats reply markers unlike replies: nothing is spliced
+            return self._tokenize(text), None
+        return built
+
+    def _encode_after(self, messages: Sequence[Mapping[str, Any]], text: str,
+                      tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
+                      generated: Mapping[int, list[int]], base: str | None, start: int, known: _Prefix | None,
+                      ) -> tuple[list[int], _Prefix | None] | None:
+        """The ids of ``text``, starting from ``known`` (the ids of ``messages[:start]``'s text up to a cut).
+
+        Also returns this conversation's own prefix: its ids up to the last cut that the text of
+        a longer conversation will share (see :meth:`_last_cut`).
+        """
+        offset = len(known.text) if known is not None else 0
+        later = {i: g for i, g in generated.items() if i >= start}
+        if later:
+            pieces = self._split_at_replies(messages, later, text, tools, add_generation_prompt)
+            if pieces is None or len(pieces[0]) < offset:
+                return None
+            pieces[0] = pieces[0][offset:]
+        else:
+            pieces = [text[offset:]]
+        ids = list(known.ids) if known is not None else []
+        # Where tokenization is split, as (text offset, ids before it): a candidate cut.
+        cuts: list[tuple[int, int]] = [(offset, len(ids))] if known is not None else []
+        position = offset
+        for piece, index in zip(pieces, [*sorted(later), None], strict=True):
+            if position > 0:
+                cuts.append((position, len(ids)))
+            for segment, segment_ids in self._tokenize_segments(piece):
+                if position > 0:
+                    cuts.append((position, len(ids)))
+                ids.extend(segment_ids)
+                position += len(segment)
+            if index is not None:
+                ids.extend(later[index])
+                position += len(messages[index]["content"])
+        return ids, (_last_cut(text, base, cuts, ids, self._boundaries) if base is not None else None)
+
+    def _check_prefixed(self, built: tuple[list[int], _Prefix | None],
+                        whole: tuple[list[int], _Prefix | None]) -> tuple[list[int], _Prefix | None]:
+        with self._prefixes_lock:
+            self._prefix_checks -= 1
+            if built[0] != whole[0] and self.prefix_reuse:
+                logger.warning("%s: encoding a conversation from its encoded start gave other ids than encoding it "
+                               "whole; encoding whole from now on", self.model_name)
+                self.prefix_reuse = False
+                self._prefix_checks = 0
+                self._prefixes.clear()
+        return built if built[0] == whole[0] else whole
+
+    def remember_generation(self, content: str, token_ids: Sequence[int]) -> None:
+        """Record that ``content`` was generated as ``token_ids`` (for :meth:`encode`)."""
+        ids = [t for t in token_ids if t not in self.backend.info.eos_token_ids]
+        if not content or b"".join(self.backend.token_bytes(t) for t in ids) != content.encode():
+            return  # a stop string or a constraint changed the text: nothing to splice
+        _remember(self._generated, self._generated_lock, content, ids, _REMEMBERED_GENERATIONS)
+
+    def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], generated: Mapping[int, list[int]],
+                          text: str, tools: Sequence[Mapping[str, Any]] | None,
+                          add_generation_prompt: bool) -> list[str] | None:
+        """The rendered text around the generated replies, found by where the template puts them.
+
+        Each reply is rendered as a unique marker instead; the text between markers is what
+        surrounds the replies. Searching for the reply's text instead would find a short reply
+        ("Paris") inside an earlier message. ``None`` when the template treats the markers
+        differently from the replies (it inspects or rewrites content): then nothing is spliced.
+        """
+        markers = {i: f"\x1e\x1fllk-reply-{i}-{self._marker_salt}\x1f\x1e" for i in generated}
+        marked = [dict(m, content=markers[i]) if i in markers else m for i, m in enumerate(messages)]
+        try:
+            rendered = self.render(marked, tools=tools, add_generation_prompt=add_generation_prompt)
+        except TemplateError:  # a template that rejects the marker: no splicing, same prompt
+            logger.debug("template rejected reply markers; re-tokenizing replies", exc_info=True)
+            return None
+        pieces: list[str] = []
+        rest = rendered
+        for i in sorted(generated):
+            before, found, rest = rest.partition(markers[i])
+            if not found or markers[i] in rest:
+                return None
+            pieces.append(before)
+        pieces.append(rest)
+        rebuilt = "".join(p + (messages[i]["content"] if k < len(generated) else "")
+                          for k, (p, i) in enumerate(zip(pieces, [*sorted(generated), -1], strict=True)))
+        return pieces if rebuilt == text else None
+
+    # -- tokenization ---------------------------------------------------------------------------
+    def _segment_boundaries(self) -> tuple[str, ...]:
+        """Texts of the end-of-turn special tokens, before which a prompt may be cut (see :meth:`_tokenize`).
+
+        Only tokens the tokenizer reads back as themselves qualify: their markup in a text is
+        parsed as the one special token, which is what makes the cut exact.
+        """
+        backend = self.backend
+        found: list[str] = []
+        for token in sorted(backend.info.eos_token_ids):
+            try:
+                text = backend.token_bytes(token).decode("utf-8")
+                if len(text) > 1 and backend.tokenize(text) == [token]:
+                    found.append(text)
+            except (UnicodeDecodeError, IndexError, ValueError):
+                continue
+        return tuple(found)
+
+    def _split_segments(self, text: str) -> list[str]:
+        """``text`` cut right before every end-of-turn special token (one segment per turn)."""
+        cuts = sorted({i for marker in self._boundaries for i in _find_all(text, marker) if i > 0})
+        if not cuts:
+            return [text]
+        return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+    def _tokenize(self, text: str) -> list[int]:
+        return [t for _, ids in self._tokenize_segments(text) for t in ids]
+
+    def _tokenize_segments(self, text: str) -> list[tuple[str, tuple[int, ...]]]:
+        """``backend.tokenize(text)`` by segment, re-using the tokens of segments seen in earlier prompts.
+
+        Tokenizers (llama.cpp's and Hugging Face's) split a text at special tokens before
+        anything else and tokenize the pieces independently, so the text cut right before an
+        end-of-turn token tokenizes to the concatenation of its segments' tokens. Each turn of a
+        conversation is then tokenized once, when it is new. The first few segmented results
+        are checked against a whole tokenization of the same text; a tokenizer for which they
+        differ (one that strips whitespace around special tokens, say) is always tokenized whole
+        from then on.
+        """
+        if not text:
+            return []
+        segments = self._split_segments(text) if self._boundaries else [text]
+        misses: list[int] = []
+        with self._segments_lock:
+            found: list[tuple[int, ...] | None] = []
+            for segment in segments:
+                cached = self._segments.get(segment)
+                if cached is not None:
+                    self._segments.move_to_end(segment)
+                found.append(cached)
+        for i, segment in enumerate(segments):
+            if found[i] is None:
+                found[i] = tuple(self.backend.tokenize(segment))
+                misses.append(i)
+        result = [(segment, ids) for segment, ids in zip(segments, found, strict=True) if ids is not None]
+        for i in misses:
+            _remember(self._segments, self._segments_lock, segments[i], result[i][1], _SEGMENT_MEMO)
+        if len(segments) > 1 and self._segment_checks > 0:
+            whole = self._check_segmented(text, [t for _, ids in result for t in ids])
+            if whole is not None:
+                return [(text, tuple(whole))]
+        return result
+
+    def _check_segmented(self, text: str, ids: list[int]) -> list[int] | None:
+        """``None`` when ``ids`` equal the whole tokenization of ``text``; else that tokenization."""
+        whole = self.backend.tokenize(text)
+        with self._segments_lock:
+            self._segment_checks -= 1
+            if whole != ids and self._boundaries:
+                logger.warning("%s: tokenizing a prompt turn by turn gave other ids than tokenizing it whole; "
+                               "tokenizing whole from now on", self.model_name)
+                self._boundaries = ()
+                self._segment_checks = 0
+        return None if whole == ids else whole
+
+
+def _key(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None) -> Key | None:
+    """A hashable snapshot of a conversation and its tools, or ``None`` when it does not serialize."""
+    try:
+        return (json.dumps(tools, sort_keys=True, default=str) if tools else "",
+                tuple(_freeze(m) for m in messages))
+    except (TypeError, ValueError):
+        return None
+
+
+def _freeze(message: Mapping[str, Any]) -> Any:
+    """An immutable, hashable snapshot of a message, to tell whether it was seen before."""
+    items = tuple(message.items())
+    try:
+        hash(items)  # str, numbers, None: the common message; lists and dicts (tool calls) are not
+    except TypeError:
+        return json.dumps(message, sort_keys=True)
+    return items
+
+
+def _longest(memo: OrderedDict[Key, V], lock: threading.Lock, key: Key, shortest: int) -> tuple[int, V] | None:
+    """The memo entry for the longest start of ``key``'s conversation, at most a few messages back."""
+    tools_key, frozen = key
+    with lock:
+        for n in range(len(frozen), max(shortest - 1, len(frozen) - _RENDER_LOOKBACK), -1):
+            value = memo.get((tools_key, frozen[:n]))
+            if value is not None:
+                memo.move_to_end((tools_key, frozen[:n]))
+                return n, value
+    return None
+
+
+def _remember(memo: OrderedDict[Any, Any], lock: threading.Lock, key: Any, value: Any, size: int) -> None:
+    with lock:
+        memo[key] = value
+        memo.move_to_end(key)
+        while len(memo) > size:
+            memo.popitem(last=False)
+
+
+def _last_cut(text: str, base: str, cuts: list[tuple[int, int]], ids: list[int],
+              boundaries: tuple[str, ...]) -> _Prefix | None:
+    """The ids up to the last cut that the next turn's text is sure to share, or ``None``.
+
+    The next turn renders ``base`` (this conversation without the generation prompt), then new
+    messages: a cut must lie within it, and a cut before an end-of-turn token needs the token's
+    whole text there too (the next text might close the turn otherwise).
+    """
+    if not text.startswith(base):
+        return None
+    for offset, count in reversed(cuts):
+        if offset == 0 or offset > len(base):
+            continue
+        marker = next((m for m in boundaries if text.startswith(m, offset)), None)
+        if marker is not None and offset + len(marker) > len(base):
+            continue
+        return _Prefix(text[:offset], tuple(ids[:count]))
+    return None
+
+
+def _find_all(text: str, marker: str) -> Iterator[int]:
+    start = text.find(marker)
+    while start >= 0:
+        yield start
+        start = text.find(marker, start + len(marker))
