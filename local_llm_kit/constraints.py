@@ -52,6 +52,7 @@ import numpy as np
 
 from local_llm_kit.closing import MAX_COMPLETION_TOKENS, RepetitionGuard, closer_for
 from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.witnesses import witnesses
 
 __all__ = [
     "JSON_OPTIONS",
@@ -225,7 +226,15 @@ class CompiledGrammar:
         self._prototype = matcher
         self._shortest: dict[tuple[int, frozenset[int]], tuple[int, ...] | None] = {}
         self._narrower: tuple[CompiledGrammar, ...] = ()
+        self._tails: tuple[tuple[int, ...], ...] | None = None
         self._lock = threading.Lock()
+
+    @property
+    def tails(self) -> tuple[tuple[int, ...], ...]:
+        """Token sequences that can end the grammar's patterned strings (see :mod:`local_llm_kit.witnesses`)."""
+        if self._tails is None:
+            self._tails = closer_for(self.tokenizer).tails(witnesses(self.grammar))
+        return self._tails
 
     def matcher(self) -> llguidance.LLMatcher:
         """A matcher at the grammar's start (a copy of the compiled prototype, ~5 µs)."""
@@ -254,7 +263,7 @@ class CompiledGrammar:
             narrower = self._narrower
         closer = closer_for(self.tokenizer)
         limit = min(n_vocab, self.tokenizer.vocab_size)
-        found = closer.complete(self._prototype, excluded, limit)
+        found = closer.shortest(self._prototype, excluded, limit, tails=self.tails)
         candidates = [] if found is None else [tuple(found)]
         end = self.tokenizer.eos_tokens[0]
         for grammar in narrower:
@@ -385,6 +394,7 @@ class GrammarConstraint:
         self._step_started: float | None = None
         # Budget-aware closing (see fit()): a known valid completion from the current state.
         self._closer = closer_for(compiled.tokenizer)
+        self._tails = compiled.tails
         self._excluded = frozenset(backend_eos | grammar_eos)
         self._path: list[int] | None = None
         """Tokens that complete the reply from the current state; None when not known now."""
@@ -567,7 +577,7 @@ class GrammarConstraint:
         could not be steered to in the budget left anyway, and a search that fails costs its length)."""
         if self._last_path is not None and self._valid(self._last_path):
             return list(self._last_path)
-        return self._closer.complete(self._matcher, self._excluded, self._n, max_tokens=limit)
+        return self._closer.complete(self._matcher, self._excluded, self._n, max_tokens=limit, tails=self._tails)
 
     def _refresh(self, remaining: int = MAX_COMPLETION_TOKENS) -> list[int] | None:
         path = self._completion(remaining)
