@@ -117,8 +117,9 @@ def coverage(client: LLMClient, corpus: list[tuple[str, Path, Any]]) -> tuple[di
 
 def run_backend(backend: str, model: str, corpus: list[tuple[str, Path, Any]], limit: int | None,
                 budgets: list[int], cache_dir: str | None, threads: int | None,
-                progress: Any = None) -> dict[str, Any]:
-    client = LLMClient(model, backend=backend, temperature=0, cache_dir=cache_dir, n_threads=threads).load()
+                progress: Any = None, load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    client = LLMClient(model, backend=backend, temperature=0, cache_dir=cache_dir, n_threads=threads,
+                       **(load_options or {})).load()
     client.disable_memory()
     accepted, details = coverage(client, corpus)
     by_folder: dict[str, list[tuple[str, Path, Any]]] = {}
@@ -274,12 +275,18 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the library's)")
+    parser.add_argument("--model-path", default=None, help="a model folder or file instead of the installed model")
+    parser.add_argument("--device", default=None, help="transformers: cuda, cpu...")
+    parser.add_argument("--dtype", default=None, help="transformers: float32, bfloat16...")
+    parser.add_argument("--out", default="jsonschemabench", help="results file name in benchmarks/results")
     args = parser.parse_args()
+    load_options = {k: v for k, v in {"model_path": args.model_path, "device": args.device,
+                                      "dtype": args.dtype}.items() if v is not None}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     corpus = load_corpus(args.corpus)
     # Backends not run this time keep their previous results (e.g. runs made separately).
     kept: list[dict[str, Any]] = []
-    previous = RESULTS / "jsonschemabench.json"
+    previous = RESULTS / f"{args.out}.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("model") == args.model:
@@ -288,12 +295,12 @@ def main() -> None:
 
     def save(partial: dict[str, Any] | None = None) -> None:
         current = results + ([{**partial, "limit": args.limit, "threads": args.threads}] if partial else [])
-        write_results("jsonschemabench", {"model": args.model, "backends": kept + current},
+        write_results(args.out, {"model": args.model, "backends": kept + current},
                       table_of(kept + current, len(corpus), args.model))
 
     for backend in args.backends:
         result = run_backend(backend, args.model, corpus, args.limit, args.max_tokens, args.cache_dir,
-                             args.threads, progress=save)
+                             args.threads, progress=save, load_options=load_options)
         results.append({**result, "limit": args.limit, "threads": args.threads})
     save()
 
