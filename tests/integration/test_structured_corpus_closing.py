@@ -26,7 +26,9 @@ import pytest
 from local_llm_kit import InvalidRequestError, LLMClient
 from local_llm_kit.closing import closer_for
 from local_llm_kit.constraints import CompiledGrammar, GrammarConstraint, grammar_cache, json_schema_grammar
+from local_llm_kit.request import validate_request
 from local_llm_kit.schemas import enforce
+from local_llm_kit.structured import select_output_mode
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("llama_cpp")
@@ -178,6 +180,30 @@ def test_a_budget_equal_to_the_estimate_gives_a_valid_reply(tokenizer: tuple[llg
                 failures.append(f"{name} ({model}, max_tokens={estimate}): {text!r}: {exc}")
             if grammar.matcher().validate_tokens([*out, end]) != len(out) + 1:
                 failures.append(f"{name} ({model}, max_tokens={estimate}): {text!r} not accepted by the grammar")
+    assert failures == []
+
+
+def test_tool_calls_at_the_estimate_are_complete(client: LLMClient) -> None:
+    # Several tools: the estimate is the shortest single call among them (each searched alone), and
+    # the decode loop runs the grammar of all the calls; the path must be one it can follow.
+    backend = client.engine.backend
+    tok, info = backend.llg_tokenizer(), backend.info
+    x = int(tok.tokenize_bytes(b"x")[0])
+    paths = sorted((CORPUS / "Glaiveai2K").glob("*.json"))[:24]
+    failures = []
+    for i in range(0, len(paths), 3):
+        tools = [{"type": "function", "function": {"name": f"f{j}", "parameters": json.loads(p.read_text())}}
+                 for j, p in enumerate(paths[i:i + 3])]
+        for choice in ("required", "auto"):
+            request = validate_request({"messages": [{"role": "user", "content": "Go."}], "tools": tools,
+                                        "tool_choice": choice}, default_temperature=0.0, default_top_p=1.0,
+                                       n_vocab=info.n_vocab)
+            grammar = select_output_mode(client.engine, request)._grammar  # type: ignore[attr-defined]
+            estimate = grammar.min_tokens(info.n_vocab, info.eos_token_ids)
+            out = decode(grammar, info, lambda out: x, estimate)
+            end = tok.eos_tokens[0]
+            if len(out) > estimate or grammar.matcher().validate_tokens([*out, end]) != len(out) + 1:
+                failures.append(f"{[p.stem for p in paths[i:i + 3]]} {choice}: {tok.decode_str(out)!r}")
     assert failures == []
 
 
