@@ -299,6 +299,59 @@ class Bench:
         backend.truncate_cache(len(ids) - k)
         return self._timed_forward(ids[len(ids) - k:])
 
+    def pass_costs(self, target: int) -> dict[str, Any]:
+        """What one more position costs in a decode pass: ``forward`` of 1 token against 9 (a
+        draft of 8 and the chosen token) at the same cache length, as speculation's PassCosts
+        learns it."""
+        ids = self.engine.encode([*self.history(target), {"role": "user", "content": "Summarise the notes."}])
+        r = side_by_side({"one": lambda: self._warm(ids, 1), "nine": lambda: self._warm(ids, 9)}, runs=self.runs)
+        self.backend.clear_cache()
+        one, nine = r["one"]["s"], r["nine"]["s"]
+        return {"prompt_tokens": len(ids), "one_s": one, "nine_s": nine,
+                "extra_share": max(0.0, nine - one) / 8 / one}
+
+    def speculation(self, max_tokens: int) -> dict[str, Any]:
+        """Greedy decode tok/s with ``prompt_lookup`` off and on (cost-aware drafts of up to 8).
+
+        Random weights answer gibberish that soon repeats itself, which prompt lookup drafts
+        well: this measures the mechanism on this engine (verification passes, the KV trims,
+        the cost decision), not the acceptance a trained model would see on a copying task.
+        """
+        from local_llm_kit.speculation import PromptLookup, SpeculationStats
+
+        messages = [{"role": "user", "content": f"Repeat this note word for word: {FILLER}{FILLER}"}]
+        replies: dict[bool, str] = {}
+
+        def rate(on: bool) -> dict[str, float]:
+            self.backend.clear_cache()
+            first = last = None
+            pieces: list[str] = []
+            tokens = 0
+            for chunk in self.client.chat.completions.create(messages=messages, max_tokens=max_tokens, stream=True,
+                                                             prompt_lookup=8 if on else False,
+                                                             stream_options={"include_usage": True}):
+                now = time.perf_counter()
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+                    first = first if first is not None else now
+                    last = now
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            replies[on] = "".join(pieces)
+            assert first is not None and last is not None and tokens > 1
+            return {"tok_s": (tokens - 1) / max(last - first, 1e-9), "tokens": float(tokens)}
+
+        stats = PromptLookup.stats = SpeculationStats()
+        try:
+            r = side_by_side({"off": lambda: rate(False), "on": lambda: rate(True)}, runs=self.runs)
+        finally:
+            PromptLookup.stats = None
+        return {"off_tok_s": r["off"]["tok_s"], "on_tok_s": r["on"]["tok_s"], "ratio": r["on"]["tok_s"] /
+                r["off"]["tok_s"], "tokens": r["off"]["tokens"], "same_reply": replies[False] == replies[True],
+                "acceptance": stats.accepted / max(stats.drafted, 1),
+                "tokens_per_pass": stats.accepted / max(stats.verifications, 1) + 1,
+                "declined": stats.declined, "learned_extra_share": self.engine.pass_costs.extra_share}
+
     def novel(self, target: int) -> dict[str, Any]:
         """Turns whose lengths never repeat, as in a real chat, with torch's default SDPA backend
         choice and with the cuDNN SDPA backend turned off (``enable_cudnn_sdp(False)``).
@@ -491,6 +544,20 @@ def table(payload: dict[str, Any]) -> list[str]:
                          f"{v['cold']['ttft_s'] * 1e3:.1f} | **{v['ratio_ttft']:.3f}x** | {v['decode_tok_s']:.1f} | "
                          f"{v['forward_per_call_s'] * 1e3:.1f} | {v['forward_23_new_length_s'] * 1e3:.1f} | "
                          f"{v['forward_23_same_length_s'] * 1e3:.1f} |")
+    costs, spec = payload.get("pass_costs") or {}, payload.get("speculation") or {}
+    if costs and "error" not in costs:
+        lines += ["", f"Pass costs at {costs['prompt_tokens']} cached tokens: forward of 1 token "
+                  f"{costs['one_s'] * 1e3:.2f} ms, of 9 tokens {costs['nine_s'] * 1e3:.2f} ms: one more position costs "
+                  f"**{costs['extra_share']:.3f}** of a pass (speculation drafts where the expected tokens per pass "
+                  "beat that cost)"]
+    if spec and "error" not in spec:
+        lines += ["", "Prompt-lookup speculation, greedy, 128 tokens, random weights (their gibberish repeats itself): "
+                  "decode tok/s off vs on", "",
+                  "| off tok/s | on tok/s | on / off | drafted tokens kept | tokens per pass | declined drafts | "
+                  "learned extra share | same reply |", "|---|---|---|---|---|---|---|---|",
+                  f"| {spec['off_tok_s']:.1f} | {spec['on_tok_s']:.1f} | **{spec['ratio']:.2f}x** | "
+                  f"{spec['acceptance']:.0%} | {spec['tokens_per_pass']:.2f} | {spec['declined']} | "
+                  f"{spec['learned_extra_share']:.3f} | {spec['same_reply']} |"]
     errors = {k: v["error"] for k, v in payload.items() if isinstance(v, dict) and "error" in v}
     if errors:
         lines += ["", "Sections that failed:", *(f"- {k}: {v.splitlines()[-1]}" for k, v in errors.items())]
@@ -530,7 +597,8 @@ def main() -> None:
                         help="folder with SmolLM2's tokenizer.json, tokenizer_config.json, chat_template.jinja")
     parser.add_argument("--targets", type=int, nargs="+", default=[500, 1500, 3000])
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ttft", "path", "floor", "novel", "profile"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["ttft", "path", "floor", "speculation", "novel", "profile"])
     parser.add_argument("--copy-to", type=Path, default=None, help="also write the result files here ($OUT)")
     parser.add_argument("--out", default="gpu")
     args = parser.parse_args()
@@ -575,6 +643,11 @@ def main() -> None:
             ttft = payload.get("ttft") or {}
             new_tokens = {t: v["warm"]["first_forward_tokens"] for t, v in ttft.items() if "warm" in v}
             section(payload, "floor", lambda: bench.floor(args.targets, new_tokens))
+            write(args.out, payload, args.copy_to)
+        if "speculation" not in args.skip:
+            middle = sorted(args.targets)[len(args.targets) // 2]
+            section(payload, "pass_costs", lambda: bench.pass_costs(middle))
+            section(payload, "speculation", lambda: bench.speculation(128))
             write(args.out, payload, args.copy_to)
         if "novel" not in args.skip:
             section(payload, "novel", lambda: bench.novel(sorted(args.targets)[len(args.targets) // 2]))

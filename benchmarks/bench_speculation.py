@@ -99,8 +99,9 @@ class Runner:
         return {"tok_s": (tokens - 1) / max(last - first, 1e-9), "tokens": float(tokens)}
 
 
-def run(model: str, backend: str, threads: int | None, max_tokens: int) -> dict[str, Any]:
-    client = LLMClient(model, backend=backend, temperature=0, n_threads=threads, kv_slots=1).load()
+def run(model: str, backend: str, threads: int | None, max_tokens: int, runs: int,
+        load_options: dict[str, Any]) -> dict[str, Any]:
+    client = LLMClient(model, backend=backend, temperature=0, n_threads=threads, kv_slots=1, **load_options).load()
     runner = Runner(client, max_tokens)
     out: dict[str, Any] = {}
     for task in TASKS:
@@ -108,7 +109,7 @@ def run(model: str, backend: str, threads: int | None, max_tokens: int) -> dict[
         result = side_by_side({
             "off": lambda t=task: runner.decode_rate(t, False),
             "on": lambda t=task: runner.decode_rate(t, True),
-        })
+        }, runs=runs)
         PromptLookup.stats = None
         out[task] = {"off_tok_s": result["off"]["tok_s"], "on_tok_s": result["on"]["tok_s"],
                      "ratio": result["on"]["tok_s"] / result["off"]["tok_s"], "tokens": result["off"]["tokens"],
@@ -125,20 +126,27 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5, help="rounds per task (median)")
+    parser.add_argument("--out", default="speculation", help="results file name in benchmarks/results")
+    parser.add_argument("--model-path", default=None, help="a model folder or file instead of an installed model")
+    parser.add_argument("--device", default=None, help="transformers: cuda, cpu...")
+    parser.add_argument("--dtype", default=None, help="transformers: float32, bfloat16...")
     args = parser.parse_args()
+    load_options = {k: v for k, v in {"model_path": args.model_path, "device": args.device,
+                                      "dtype": args.dtype}.items() if v is not None}
     results: dict[str, Any] = {}
     table = ["| backend | model | task | tokens | off tok/s | on tok/s | on/off | drafts kept | tokens / pass "
              "| same reply |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for backend in args.backends:
         for model in args.models:
-            res = run(model, backend, args.threads, args.max_tokens)
+            res = run(model, backend, args.threads, args.max_tokens, args.runs, load_options)
             results[f"{backend}/{model}"] = res
             for task, r in res.items():
                 table.append(f"| {backend} | {model} | {task} | {r['tokens']:.0f} | {r['off_tok_s']:.1f} | "
                              f"{r['on_tok_s']:.1f} | {r['ratio']:.2f}x | {r['acceptance']:.0%} | "
                              f"{r['tokens_per_verification']:.2f} | {r['same_reply']} |")
-    write_results("speculation", {"threads": args.threads, "max_tokens": args.max_tokens, "results": results},
+    write_results(args.out, {"threads": args.threads, "max_tokens": args.max_tokens, "results": results},
                   table)
 
 

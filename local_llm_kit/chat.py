@@ -92,7 +92,7 @@ def _run(engine: Engine, prepared: PreparedChat, index: int, ticket: Ticket,
     # The KV-cache slot is chosen at the first step, under the step lock (a generator body).
     backend = engine.slot_backend(prepared.prompt, ticket)
     yield from generate(backend, prepared.prompt, _settings(prepared, index),
-                        constraint=prepared.output.constraint(), cancel=cancel)
+                        constraint=prepared.output.constraint(), cancel=cancel, pass_costs=engine.pass_costs)
 
 
 def _new_id() -> str:

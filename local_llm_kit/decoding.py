@@ -16,6 +16,7 @@ README: transformers in float32 does; bfloat16 and llama.cpp's CPU kernels round
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -25,7 +26,7 @@ import numpy as np
 from local_llm_kit.backends.base import Backend
 from local_llm_kit.sampling import Sampler, SamplingParams, log_softmax
 from local_llm_kit.slots import common_prefix_length as _common_prefix_length
-from local_llm_kit.speculation import PromptLookup
+from local_llm_kit.speculation import PassCosts, PromptLookup
 from local_llm_kit.text import IncrementalDecoder, StopStringMatcher
 from local_llm_kit.types import TokenLogprob, TopLogprob
 
@@ -136,11 +137,13 @@ def generate(
     *,
     constraint: Constraint | None = None,
     cancel: threading.Event | None = None,
+    pass_costs: PassCosts | None = None,
 ) -> Iterator[TextPiece | Finished]:
     """Generate after ``prompt``; yields text pieces, then exactly one :class:`Finished`.
 
     The caller holds the engine's lock for the whole iteration. Closing the generator (or
-    setting ``cancel``) stops evaluation before the next token.
+    setting ``cancel``) stops evaluation before the next token. ``pass_costs`` carries what
+    forward passes cost on this engine from one generation to the next (for speculation).
     """
     eos = backend.info.eos_token_ids
     sampler = Sampler(settings.sampling)
@@ -149,7 +152,7 @@ def generate(
     want_logprobs = settings.top_logprobs is not None
     generated: list[int] = []
     limit = min(settings.max_tokens, backend.n_ctx - len(prompt))
-    lookup = PromptLookup(prompt, settings.draft_tokens) if settings.draft_tokens > 0 else None
+    lookup = PromptLookup(prompt, settings.draft_tokens, pass_costs) if settings.draft_tokens > 0 else None
     verified = _Verified()
 
     steered = False
@@ -238,12 +241,15 @@ def generate(
             draft = [] if lookup is None else lookup.draft(limit - len(generated) - 1)
             if draft and constraint is not None:
                 draft = draft[:constraint.valid_prefix(draft)]
+            started = time.perf_counter()
             if draft:
                 rows = backend.forward_all([*pending, *draft])
                 logits = rows[len(pending) - 1]
                 verified.hold(draft, rows[len(pending):])
             else:
                 logits = backend.forward(pending)
+            if lookup is not None:
+                lookup.costs.record(len(pending) + len(draft), time.perf_counter() - started)
 
 
 class _Verified:

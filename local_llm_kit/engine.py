@@ -18,6 +18,7 @@ from local_llm_kit.encoding import PromptEncoder
 from local_llm_kit.lease import ModelLease, Ticket
 from local_llm_kit.models import ResolvedModel
 from local_llm_kit.slots import SlotTable
+from local_llm_kit.speculation import PassCosts
 from local_llm_kit.templates import ChatTemplate
 
 __all__ = ["Engine", "detach", "get_engine", "loaded_engines", "unload_all"]
@@ -39,6 +40,7 @@ class Engine:
         if self.template.is_fallback:
             logger.info("%s ships no chat template; using the %s fallback", model.name, info.architecture)
         self.encoder = PromptEncoder(self.template, backend, model.name)
+        self.pass_costs = PassCosts()  # learned by speculation, kept across generations
 
     @property
     def n_ctx(self) -> int:

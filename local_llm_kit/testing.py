@@ -26,13 +26,14 @@ import numpy as np
 from local_llm_kit.backends.base import Backend, ModelInfo
 from local_llm_kit.engine import Engine
 from local_llm_kit.models import ResolvedModel
+from local_llm_kit.speculation import PassCosts
 
 if TYPE_CHECKING:
     import llguidance
 
     from local_llm_kit.client import AsyncLLMClient, LLMClient
 
-__all__ = ["CHATML_TEMPLATE", "FakeBackend", "fake_client"]
+__all__ = ["CHATML_TEMPLATE", "FakeBackend", "FixedPassCosts", "fake_client"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -176,6 +177,29 @@ def fake_engine(backend: FakeBackend | None = None) -> Engine:
     """An :class:`Engine` over a :class:`FakeBackend`, not registered in the shared engine cache."""
     backend = backend or FakeBackend()
     return Engine(ResolvedModel("fake-model", Path("fake"), "fake"), "fake", backend)
+
+
+class FixedPassCosts(PassCosts):
+    """Forward-pass costs that do not depend on the machine, for tests of speculation itself.
+
+    Speculation verifies a draft only where the engine's measured pass costs say it pays (see
+    :class:`~local_llm_kit.speculation.PassCosts`); timings vary from run to run, and the fake
+    backend's passes cost per position about what a CPU's do. Set one on the engine to make
+    the decision depend on the acceptance rate alone::
+
+        client.engine.pass_costs = FixedPassCosts(extra_share=0.0)  # every draft is verified
+    """
+
+    def __init__(self, extra_share: float = 0.1) -> None:
+        super().__init__()
+        self._share = extra_share
+
+    def record(self, positions: int, seconds: float) -> None:
+        return None
+
+    @property
+    def extra_share(self) -> float:
+        return self._share
 
 
 def fake_client(reply: Reply = "Hello!", *, backend: FakeBackend | None = None, asynchronous: bool = False,

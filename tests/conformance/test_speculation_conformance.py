@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from local_llm_kit import LLMClient
+from local_llm_kit.speculation import PromptLookup, SpeculationStats
+from local_llm_kit.testing import FixedPassCosts
 
 PASSAGE = ("Invoice 4471 was issued on 3 March 2024 to Harbour Supplies Ltd, 12 Quay Street, Bristol, "
            "for 40 crates of lamp oil at 18.50 pounds each, due within 30 days.")
@@ -67,13 +69,23 @@ def _exact_client(model: str, backend: str, like: LLMClient) -> LLMClient:
     """A client of the model whose batched logits match single positions' (see the module docstring)."""
     if (model, backend) not in _exact:
         options: dict[str, Any] = {"flash_attn": True} if backend == "llama.cpp" else {"dtype": "float32"}
-        _exact[(model, backend)] = LLMClient(model, backend=backend, temperature=0,
-                                             cache_dir=like.settings.cache_dir, **options).load()
+        client = LLMClient(model, backend=backend, temperature=0, cache_dir=like.settings.cache_dir,
+                           **options).load()
+        # Every draft is verified, whatever a pass costs on this machine: verification is what is tested.
+        client.engine.pass_costs = FixedPassCosts(extra_share=0.0)
+        _exact[(model, backend)] = client
     return _exact[(model, backend)]
 
 
-def reply(client: LLMClient, **params: Any) -> dict[str, Any]:
-    response = client.chat.completions.create(max_tokens=48, **params)
+def reply(client: LLMClient, *, copies: bool = False, **params: Any) -> dict[str, Any]:
+    """The reply's content, calls, finish reason and length; ``copies``: drafts must have been verified."""
+    PromptLookup.stats = stats = SpeculationStats()
+    try:
+        response = client.chat.completions.create(max_tokens=48, **params)
+    finally:
+        PromptLookup.stats = None
+    if copies:
+        assert stats.verifications > 0, "drafts were verified"
     choice = response.choices[0]
     calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
     assert response.usage is not None
@@ -84,17 +96,17 @@ def reply(client: LLMClient, **params: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_smollm2_replies_are_the_same_with_prompt_lookup(exact_smol: LLMClient, case: str) -> None:
     plain = reply(exact_smol, prompt_lookup=False, **CASES[case])
-    assert reply(exact_smol, prompt_lookup=True, **CASES[case]) == plain
+    assert reply(exact_smol, prompt_lookup=True, copies=case != "free chat", **CASES[case]) == plain
 
 
 @pytest.mark.parametrize("case", ["quote", "forced tool call"])
 def test_gemma_replies_are_the_same_with_prompt_lookup(exact_gemma: LLMClient, case: str) -> None:
     plain = reply(exact_gemma, prompt_lookup=False, **CASES[case])
-    assert reply(exact_gemma, prompt_lookup=True, **CASES[case]) == plain
+    assert reply(exact_gemma, prompt_lookup=True, copies=True, **CASES[case]) == plain
 
 
 def test_seeded_sampling_is_reproducible_with_prompt_lookup(exact_smol: LLMClient) -> None:
     params = {**CASES["quote"], "temperature": 0.8, "top_p": 0.95, "seed": 11, "prompt_lookup": True}
-    first, second = reply(exact_smol, **params), reply(exact_smol, **params)
+    first, second = reply(exact_smol, copies=True, **params), reply(exact_smol, **params)
     assert first == second
     assert first["tokens"] > 8

@@ -12,12 +12,19 @@ from local_llm_kit import InvalidRequestError, LLMClient
 from local_llm_kit.backends.base import Backend
 from local_llm_kit.decoding import Finished, GenerationSettings, generate
 from local_llm_kit.sampling import SamplingParams
-from local_llm_kit.speculation import DEFAULT_DRAFT_TOKENS, PromptLookup, draft_tokens
-from local_llm_kit.testing import FakeBackend, fake_client
+from local_llm_kit.speculation import DEFAULT_DRAFT_TOKENS, PassCosts, PromptLookup, draft_tokens
+from local_llm_kit.testing import FakeBackend, FixedPassCosts, fake_client
 
 PASSAGE = ("The lighthouse at Cape Wrath was built in 1828 by Robert Stevenson. Its keepers left in 1998, "
            "when the light was automated.")
 ASK = [{"role": "user", "content": f"Quote this passage exactly: {PASSAGE}"}]
+
+
+@pytest.fixture(autouse=True)
+def _machine_independent_pass_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines built here judge drafts by a fixed pass cost, not this machine's timings, so that
+    verification runs in every test (the decision itself is tested apart, below)."""
+    monkeypatch.setattr("local_llm_kit.engine.PassCosts", FixedPassCosts)
 
 
 def copying_backend(**kwargs: Any) -> FakeBackend:
@@ -32,11 +39,11 @@ def run(client: Any, **params: Any) -> tuple[str, list[str]]:
 
 
 # -- drafting ----------------------------------------------------------------------------------------
-def test_a_draft_continues_the_latest_occurrence_of_the_last_ngram() -> None:
+def test_a_continuation_follows_the_latest_occurrence_of_the_last_ngram() -> None:
     lookup = PromptLookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 1, 2], max_tokens=8)
-    assert lookup.draft(8) == [3, 7, 8, 6]  # the latest "1 2" was followed by 3 7 8 6 (length starts at 4)
+    assert lookup.continuation(8) == [3, 7, 8, 6, 1, 2]  # the latest "1 2" was followed by 3 7 8 6 1 2
     lookup.extend([3])
-    assert lookup.draft(2) == [7, 8]
+    assert lookup.continuation(2) == [7, 8]
 
 
 def test_no_draft_without_a_repeated_ngram_or_room() -> None:
@@ -46,17 +53,43 @@ def test_no_draft_without_a_repeated_ngram_or_room() -> None:
     assert PromptLookup([5, 1, 7, 8, 1]).draft(8) == []
 
 
-def test_the_draft_length_adapts_to_what_is_accepted() -> None:
-    lookup = PromptLookup(list(range(50)) + list(range(10)), max_tokens=8)
-    assert len(lookup.draft(100)) == 4
+def copy_prompt() -> list[int]:
+    return list(range(50)) + list(range(10))  # "0 1 ... 9" again: the continuation is 10 11 12 ...
+
+
+def test_where_extra_positions_are_nearly_free_drafts_grow_to_the_cap() -> None:
+    lookup = PromptLookup(copy_prompt(), max_tokens=8, costs=FixedPassCosts(extra_share=0.02))
+    assert lookup.draft(100) == list(range(10, 14))  # an acceptance of one half already pays for 4
     lookup.feedback(4, 4)
-    assert len(lookup.draft(100)) == 6
-    lookup.feedback(6, 6)
-    lookup.feedback(8, 8)
-    assert len(lookup.draft(100)) == 8  # capped at max_tokens
-    lookup.feedback(8, 2)
-    assert len(lookup.draft(100)) == 7
-    assert (lookup.drafted, lookup.accepted) == (26, 20)
+    lookup.extend(list(range(10, 15)))
+    assert lookup.draft(100) == list(range(15, 23))  # all kept: the cap
+    assert len(lookup.draft(5)) == 5  # never past the room left
+
+
+def test_where_extra_positions_are_dear_a_draft_waits_for_evidence_of_copying() -> None:
+    lookup = PromptLookup(copy_prompt(), max_tokens=8, costs=FixedPassCosts(extra_share=0.45))
+    assert lookup.draft(100) == []  # an acceptance of one half does not pay on such an engine
+    lookup.extend([10])  # the declined guess is still checked against the token chosen, for free
+    sequence = 11
+    for _ in range(4):  # each accepted draft raises the estimate, and the next draft is longer
+        draft = lookup.draft(100)
+        assert draft and draft[0] == sequence
+        lookup.feedback(len(draft), len(draft))
+        lookup.extend([*draft, sequence + len(draft)])
+        sequence += len(draft) + 1
+    assert len(lookup.draft(100)) >= 4 and lookup.acceptance > 0.9
+    for _ in range(8):
+        lookup.feedback(4, 0)
+    assert lookup.draft(100) == []  # rejected again and again: back to plain decoding
+
+
+def test_pass_costs_learn_the_share_of_an_extra_position() -> None:
+    costs = PassCosts()
+    assert costs.extra_share == PassCosts.PRIOR_EXTRA  # nothing timed yet
+    for _ in range(50):
+        costs.record(1, 0.010)
+        costs.record(9, 0.010 + 8 * 0.004)
+    assert costs.extra_share == pytest.approx(0.4, rel=0.02)
 
 
 @pytest.mark.parametrize(("value", "expected"), [(True, DEFAULT_DRAFT_TOKENS), (False, 0), (0, 0), (5, 5)])
@@ -148,7 +181,7 @@ def test_rejected_draft_tokens_leave_the_kv_cache(seed: int) -> None:
     prompt = backend.tokenize(_render(backend, ASK))
     settings = GenerationSettings(max_tokens=120, sampling=SamplingParams(temperature=2.0, top_p=1.0, seed=seed),
                                   draft_tokens=6)
-    steps = list(generate(backend, prompt, settings))
+    steps = list(generate(backend, prompt, settings, pass_costs=FixedPassCosts()))
     finished = steps[-1]
     assert isinstance(finished, Finished)
     sequence = [*prompt, *finished.token_ids]
