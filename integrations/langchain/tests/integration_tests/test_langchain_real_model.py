@@ -184,7 +184,7 @@ def test_agent_with_tools_and_checkpointer_over_turns(tool_model: ChatLocalLLMKi
 
 
 # -- memory middleware ---------------------------------------------------------------------------------
-def test_memory_middleware_keeps_40_turns_in_a_256_token_context() -> None:
+def test_memory_middleware_keeps_20_turns_in_a_256_token_context() -> None:
     # No max_tokens for the middleware: the budget is what the 256-token context leaves after the reply.
     model = ChatLocalLLMKit(model="smollm2-135m-instruct", backend="llama.cpp", context_length=256, n_threads=1,
                             temperature=0, max_tokens=6)
@@ -193,7 +193,7 @@ def test_memory_middleware_keeps_40_turns_in_a_256_token_context() -> None:
                          system_prompt="You are a friendly assistant. Answer briefly.")
     config: Any = {"configurable": {"thread_id": "long"}}
     dropped = []
-    for turn in range(40):
+    for turn in range(20):  # trimming starts at about the 8th turn
         state = agent.invoke({"messages": [HumanMessage(f"Note {turn}: I like {turn}.")]}, config)
         reply = state["messages"][-1]
         report = memory.last
@@ -201,8 +201,9 @@ def test_memory_middleware_keeps_40_turns_in_a_256_token_context() -> None:
         # the count the middleware trimmed by is exactly what the model was fed
         assert reply.usage_metadata["input_tokens"] == report.prompt_tokens <= report.budget == 256 - 6
         dropped.append(report.dropped_turns)
-    assert len(state["messages"]) == 80  # the checkpointer keeps the whole conversation
+    assert len(state["messages"]) == 40  # the checkpointer keeps the whole conversation
     assert dropped[0] == 0 and dropped[-1] > 0  # trimming started once the budget was reached
+    assert sum(d > 0 for d in dropped) >= 8  # and went on for many turns
     # the last call's prompt, recounted by the client itself
     kept = state["messages"][-1 - report.kept_messages:-1]
     system = SystemMessage("You are a friendly assistant. Answer briefly.")
