@@ -207,7 +207,7 @@ class PromptEncoder:
         """The ids of ``text``, starting from ``known`` (the ids of ``messages[:start]``'s text up to a cut).
 
         Also returns this conversation's own prefix: its ids up to the last cut that the text of
-        a longer conversation will share (see :meth:`_last_cut`).
+        a longer conversation will share (see :func:`_last_cut`).
         """
         offset = len(known.text) if known is not None else 0
         later = {i: g for i, g in generated.items() if i >= start}
@@ -219,13 +219,12 @@ class PromptEncoder:
         else:
             pieces = [text[offset:]]
         ids = list(known.ids) if known is not None else []
-        # Where tokenization is split, as (text offset, ids before it): a candidate cut.
-        cuts: list[tuple[int, int]] = [(offset, len(ids))] if known is not None else []
+        # Where tokenization is split (each piece's start, each segment's), as (text offset, ids
+        # before it): the candidate cuts.
+        cuts: list[tuple[int, int]] = []
         position = offset
         for piece, index in zip(pieces, [*sorted(later), None], strict=True):
-            if position > 0:
-                cuts.append((position, len(ids)))
-            for segment, segment_ids in self._tokenize_segments(piece):
+            for segment, segment_ids in self._tokenize_segments(piece) or [("", ())]:
                 if position > 0:
                     cuts.append((position, len(ids)))
                 ids.extend(segment_ids)
