@@ -43,6 +43,9 @@ class Stream(Generic[T]):
         self._on_complete = on_complete
         self._advance = threading.Lock()  # one thread computes the next chunk at a time
         self._closed = False
+        # Set by close() only. ``cancel`` is shared with the request's deadline, whose expiry
+        # must end the stream with its timeout error, raised by the source, not silently here.
+        self._close_requested = False
 
     def __iter__(self) -> Iterator[T]:
         return self
@@ -62,12 +65,13 @@ class Stream(Generic[T]):
             except BaseException:
                 self._shutdown()
                 raise
-            if self._cancel.is_set():  # closed by another thread while this chunk was computed
+            if self._close_requested:  # closed by another thread while this chunk was computed
                 self._shutdown()
             return item
 
     def close(self) -> None:
         """Stop generation now; chunks not yet produced are never computed. Any thread may call it."""
+        self._close_requested = True
         self._cancel.set()
         if self._advance.acquire(blocking=False):
             try:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from local_llm_kit import AsyncLLMClient, LLMClient
-from local_llm_kit.errors import ClientClosedError, ModelUnloadedError
-from local_llm_kit.streaming import QUEUE_CHUNKS
+from local_llm_kit.errors import ClientClosedError, GenerationTimeoutError, ModelUnloadedError
+from local_llm_kit.streaming import QUEUE_CHUNKS, Stream
 from local_llm_kit.testing import FakeBackend, fake_client
 
 REPLY = "The quick brown fox jumps over the lazy dog."
@@ -123,6 +123,22 @@ def test_closing_a_stream_from_another_thread_while_it_is_being_advanced_stops_i
     assert len(backend.forward_calls) == calls  # nothing decodes after close
     assert len(chunks) < 400
     assert not client.engine.lease.busy
+
+
+def test_a_deadline_that_passes_while_a_chunk_is_computed_ends_the_stream_with_its_error() -> None:
+    # The request's deadline and close() share the cancel flag; only close() may end a stream
+    # quietly. (Found under load: a stream whose timeout fired mid-chunk just stopped, as if complete.)
+    cancel = threading.Event()
+
+    def source() -> Any:
+        cancel.set()  # the deadline passes while this chunk is being computed
+        yield "chunk"
+        raise GenerationTimeoutError("the request did not finish within its timeout of 0.2 s")
+
+    stream = Stream(source(), cancel=cancel)
+    assert next(stream) == "chunk"
+    with pytest.raises(GenerationTimeoutError):
+        next(stream)
 
 
 def test_a_stream_closed_early_is_not_remembered() -> None:
