@@ -53,7 +53,6 @@ _RENDER_CHECKS = 8
 _PREFIX_MEMO = 64
 _PREFIX_CHECKS = 8
 
-Key = tuple[str, tuple[Any, ...]]
 V = TypeVar("V")
 
 
@@ -78,11 +77,11 @@ class PromptEncoder:
         self._segments_lock = threading.Lock()
         self._segment_checks = _SEGMENT_CHECKS
         self._boundaries = self._segment_boundaries()
-        self._renders: OrderedDict[Key, str] = OrderedDict()  # text without the generation prompt
+        self._renders: OrderedDict[_Key, str] = OrderedDict()  # text without the generation prompt
         self._renders_lock = threading.Lock()
         self._render_checks = _RENDER_CHECKS
         self.incremental_render = True
-        self._prefixes: OrderedDict[Key, _Prefix] = OrderedDict()
+        self._prefixes: OrderedDict[_Key, _Prefix] = OrderedDict()
         self._prefixes_lock = threading.Lock()
         self._prefix_checks = _PREFIX_CHECKS
         self.prefix_reuse = True
@@ -103,21 +102,21 @@ class PromptEncoder:
         against a whole rendering; a template whose output differs (one that looks further
         back, or rewrites earlier turns) is rendered whole from then on.
         """
-        return self._render(messages, tools, add_generation_prompt, _key(messages, tools))
+        return self._render(messages, tools, add_generation_prompt, _Conversation.of(messages, tools))
 
     def _render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
-                add_generation_prompt: bool, key: Key | None) -> str:
-        if key is None or not self.incremental_render or len(messages) < 3:
+                add_generation_prompt: bool, conversation: _Conversation | None) -> str:
+        if conversation is None or not self.incremental_render or len(messages) < 3:
             return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
-        text = self._render_incrementally(messages, key, tools, add_generation_prompt)
+        text = self._render_incrementally(messages, conversation, tools, add_generation_prompt)
         if text is None:
             text = self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
             # What the next turn builds on: the text without the generation prompt.
-            self._remember_render(key, text if not add_generation_prompt else
+            self._remember_render(conversation.key(), text if not add_generation_prompt else
                                   self.template.render(messages, tools=tools, add_generation_prompt=False))
         return text
 
-    def _render_incrementally(self, messages: Sequence[Mapping[str, Any]], key: Key,
+    def _render_incrementally(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation,
                               tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool) -> str | None:
         opening = 0
         while opening < len(messages) and messages[opening].get("role") == "system":
@@ -125,7 +124,7 @@ class PromptEncoder:
         opening += 1  # and the first message after the system messages
         # The known part is the conversation up to its last few messages (the previous turn:
         # a reply, tool results, the new user message); looked up by hash, longest first.
-        found = _longest(self._renders, self._renders_lock, key, opening + 1)
+        found = _longest(self._renders, self._renders_lock, conversation, opening + 1)
         if found is None:
             return None
         known, known_text = found
@@ -151,10 +150,10 @@ class PromptEncoder:
             if whole != text:
                 return whole
         if new:
-            self._remember_render(key, known_text + tail_open[len(head):])
+            self._remember_render(conversation.key(), known_text + tail_open[len(head):])
         return text
 
-    def _remember_render(self, key: Key, text: str) -> None:
+    def _remember_render(self, key: _Key, text: str) -> None:
         _remember(self._renders, self._renders_lock, key, text, _RENDER_MEMO)
 
     # -- encoding -------------------------------------------------------------------------------
@@ -166,43 +165,40 @@ class PromptEncoder:
         rest of the text is tokenized normally. A conversation that extends one encoded recently
         starts from that one's ids (see the module's docstring).
         """
-        key = _key(messages, tools)
-        text = self._render(messages, tools, add_generation_prompt, key)
-        with self._generated_lock:
-            generated = {i: self._generated[m["content"]] for i, m in enumerate(messages)
-                         if m.get("role") == "assistant" and isinstance(m.get("content"), str)
-                         and m["content"] in self._generated}
+        conversation = _Conversation.of(messages, tools)
+        text = self._render(messages, tools, add_generation_prompt, conversation)
         # The text the next turn starts with: this conversation without the generation prompt.
         base: str | None = text
         if add_generation_prompt:
             with self._renders_lock:
-                base = self._renders.get(key) if key is not None else None
+                base = self._renders.get(conversation.key()) if conversation is not None else None
         built: tuple[list[int], _Prefix | None] | None = None
-        found = _longest(self._prefixes, self._prefixes_lock, key, 1) if key and self.prefix_reuse else None
+        found = (_longest(self._prefixes, self._prefixes_lock, conversation, 1)
+                 if conversation is not None and self.prefix_reuse else None)
         if found is not None and text.startswith(found[1].text):
             start, known = found
-            built = self._encode_after(messages, text, tools, add_generation_prompt, generated, base, start, known)
+            built = self._encode_after(messages, conversation, text, tools, add_generation_prompt, base, start, known)
             if built is not None and self._prefix_checks > 0:
-                built = self._check_prefixed(built, self._encode_whole(messages, text, tools, add_generation_prompt,
-                                                                       generated, base))
+                built = self._check_prefixed(built, self._encode_whole(messages, conversation, text, tools,
+                                                                       add_generation_prompt, base))
         if built is None:
-            built = self._encode_whole(messages, text, tools, add_generation_prompt, generated, base)
+            built = self._encode_whole(messages, conversation, text, tools, add_generation_prompt, base)
         ids, cut = built
-        if key is not None and cut is not None and self.prefix_reuse:
-            _remember(self._prefixes, self._prefixes_lock, key, cut, _PREFIX_MEMO)
+        if conversation is not None and cut is not None and self.prefix_reuse:
+            _remember(self._prefixes, self._prefixes_lock, conversation.key(), cut, _PREFIX_MEMO)
         return ids
 
-    def _encode_whole(self, messages: Sequence[Mapping[str, Any]], text: str,
+    def _encode_whole(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None, text: str,
                       tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
-                      generated: Mapping[int, list[int]], base: str | None) -> tuple[list[int], _Prefix | None]:
-        built = self._encode_after(messages, text, tools, add_generation_prompt, generated, base, 0, None)
+                      base: str | None) -> tuple[list[int], _Prefix | None]:
+        built = self._encode_after(messages, conversation, text, tools, add_generation_prompt, base, 0, None)
         if built is None:  # the template treats reply markers unlike replies: nothing is spliced
             return self._tokenize(text), None
         return built
 
-    def _encode_after(self, messages: Sequence[Mapping[str, Any]], text: str,
+    def _encode_after(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None, text: str,
                       tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
-                      generated: Mapping[int, list[int]], base: str | None, start: int, known: _Prefix | None,
+                      base: str | None, start: int, known: _Prefix | None,
                       ) -> tuple[list[int], _Prefix | None] | None:
         """The ids of ``text``, starting from ``known`` (the ids of ``messages[:start]``'s text up to a cut).
 
@@ -210,9 +206,9 @@ class PromptEncoder:
         a longer conversation will share (see :func:`_last_cut`).
         """
         offset = len(known.text) if known is not None else 0
-        later = {i: g for i, g in generated.items() if i >= start}
+        later = self._generated_replies(messages, start)
         if later:
-            pieces = self._split_at_replies(messages, later, text, tools, add_generation_prompt)
+            pieces = self._split_at_replies(messages, conversation, later, text, tools, add_generation_prompt)
             if pieces is None or len(pieces[0]) < offset:
                 return None
             pieces[0] = pieces[0][offset:]
@@ -246,6 +242,13 @@ class PromptEncoder:
                 self._prefixes.clear()
         return built if built[0] == whole[0] else whole
 
+    def _generated_replies(self, messages: Sequence[Mapping[str, Any]], start: int) -> dict[int, list[int]]:
+        """The ids of the replies from ``messages[start]`` on that this engine generated, by index."""
+        with self._generated_lock:
+            return {i: self._generated[content] for i in range(start, len(messages))
+                    if messages[i].get("role") == "assistant" and isinstance(content := messages[i].get("content"), str)
+                    and content in self._generated}
+
     def remember_generation(self, content: str, token_ids: Sequence[int]) -> None:
         """Record that ``content`` was generated as ``token_ids`` (for :meth:`encode`)."""
         ids = [t for t in token_ids if t not in self.backend.info.eos_token_ids]
@@ -253,8 +256,8 @@ class PromptEncoder:
             return  # a stop string or a constraint changed the text: nothing to splice
         _remember(self._generated, self._generated_lock, content, ids, _REMEMBERED_GENERATIONS)
 
-    def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], generated: Mapping[int, list[int]],
-                          text: str, tools: Sequence[Mapping[str, Any]] | None,
+    def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None,
+                          generated: Mapping[int, list[int]], text: str, tools: Sequence[Mapping[str, Any]] | None,
                           add_generation_prompt: bool) -> list[str] | None:
         """The rendered text around the generated replies, found by where the template puts them.
 
@@ -265,8 +268,10 @@ class PromptEncoder:
         """
         markers = {i: f"\x1e\x1fllk-reply-{i}-{self._marker_salt}\x1f\x1e" for i in generated}
         marked = [dict(m, content=markers[i]) if i in markers else m for i, m in enumerate(messages)]
+        # Its snapshot shares the conversation's up to the first reply (no need to freeze it again).
+        marked_conversation = None if conversation is None else conversation.extended(marked, min(generated))
         try:
-            rendered = self.render(marked, tools=tools, add_generation_prompt=add_generation_prompt)
+            rendered = self._render(marked, tools, add_generation_prompt, marked_conversation)
         except TemplateError:  # a template that rejects the marker: no splicing, same prompt
             logger.debug("template rejected reply markers; re-tokenizing replies", exc_info=True)
             return None
@@ -358,33 +363,88 @@ class PromptEncoder:
         return None if whole == ids else whole
 
 
-def _key(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None) -> Key | None:
-    """A hashable snapshot of a conversation and its tools, or ``None`` when it does not serialize."""
-    try:
-        return (json.dumps(tools, sort_keys=True, default=str) if tools else "",
-                tuple(_freeze(m) for m in messages))
-    except (TypeError, ValueError):
-        return None
+class _Key:
+    """The first ``size`` messages of a frozen conversation, with its tools: a memo key whose
+    hash is precomputed, so that looking up each start of a long conversation costs no rehashing."""
+
+    __slots__ = ("_hash", "frozen", "size", "tools")
+
+    def __init__(self, tools: str, frozen: tuple[Any, ...], size: int, hash_: int) -> None:
+        self.tools, self.frozen, self.size, self._hash = tools, frozen, size, hash_
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Key):
+            return NotImplemented
+        if self._hash != other._hash or self.size != other.size or self.tools != other.tools:
+            return False
+        return self.frozen is other.frozen or self.frozen[:self.size] == other.frozen[:other.size]
 
 
-def _freeze(message: Mapping[str, Any]) -> Any:
-    """An immutable, hashable snapshot of a message, to tell whether it was seen before."""
+class _Conversation:
+    """A hashable snapshot of a conversation and its tools, with the hash of each of its starts."""
+
+    __slots__ = ("frozen", "hashes", "tools")
+
+    def __init__(self, tools: str, frozen: tuple[Any, ...], hashes: list[int]) -> None:
+        self.tools, self.frozen, self.hashes = tools, frozen, hashes
+
+    @classmethod
+    def of(cls, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+           ) -> _Conversation | None:
+        """The snapshot, or ``None`` when a message or the tools do not serialize."""
+        try:
+            tools_key = json.dumps(tools, sort_keys=True, default=str) if tools else ""
+        except (TypeError, ValueError):
+            return None
+        return cls(tools_key, (), [hash(tools_key)]).extended(messages, 0)
+
+    def extended(self, messages: Sequence[Mapping[str, Any]], start: int) -> _Conversation | None:
+        """The snapshot of ``messages``, whose first ``start`` are this conversation's first ``start``."""
+        frozen = list(self.frozen[:start])
+        hashes = self.hashes[:start + 1]
+        running = hashes[-1]
+        try:
+            for message in messages[start:]:
+                item, item_hash = _freeze(message)
+                frozen.append(item)
+                running = hash((running, item_hash))  # each start's hash from the previous one's
+                hashes.append(running)
+        except (TypeError, ValueError):
+            return None
+        return _Conversation(self.tools, tuple(frozen), hashes)
+
+    def __len__(self) -> int:
+        return len(self.frozen)
+
+    def key(self, size: int | None = None) -> _Key:
+        """The key of the first ``size`` messages (all of them by default)."""
+        size = len(self.frozen) if size is None else size
+        return _Key(self.tools, self.frozen, size, self.hashes[size])
+
+
+def _freeze(message: Mapping[str, Any]) -> tuple[Any, int]:
+    """An immutable snapshot of a message, to tell whether it was seen before, and its hash."""
     items = tuple(message.items())
     try:
-        hash(items)  # str, numbers, None: the common message; lists and dicts (tool calls) are not
-    except TypeError:
-        return json.dumps(message, sort_keys=True)
-    return items
+        return items, hash(items)  # str, numbers, None: the common message
+    except TypeError:  # lists and dicts (tool calls)
+        text = json.dumps(message, sort_keys=True)
+        return text, hash(text)
 
 
-def _longest(memo: OrderedDict[Key, V], lock: threading.Lock, key: Key, shortest: int) -> tuple[int, V] | None:
-    """The memo entry for the longest start of ``key``'s conversation, at most a few messages back."""
-    tools_key, frozen = key
+def _longest(memo: OrderedDict[_Key, V], lock: threading.Lock, conversation: _Conversation,
+             shortest: int) -> tuple[int, V] | None:
+    """The memo entry for the longest start of ``conversation``, at most a few messages back."""
+    size = len(conversation)
     with lock:
-        for n in range(len(frozen), max(shortest - 1, len(frozen) - _RENDER_LOOKBACK), -1):
-            value = memo.get((tools_key, frozen[:n]))
+        for n in range(size, max(shortest - 1, size - _RENDER_LOOKBACK), -1):
+            key = conversation.key(n)
+            value = memo.get(key)
             if value is not None:
-                memo.move_to_end((tools_key, frozen[:n]))
+                memo.move_to_end(key)
                 return n, value
     return None
 

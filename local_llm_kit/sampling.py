@@ -43,7 +43,9 @@ class Sampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self._rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
+        # Created at the first sampled token: an unseeded generator reads OS entropy (a tenth
+        # of a millisecond), which greedy requests never need.
+        self._rng: np.random.Generator | None = None
         self._counts: Counter[int] = Counter()
         if params.logit_bias:
             self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
@@ -84,6 +86,8 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(cand_probs), p.top_p)) + 1
             candidates, cand_probs = candidates[:keep], cand_probs[:keep]
         cand_probs = cand_probs / cand_probs.sum()
+        if self._rng is None:
+            self._rng = np.random.default_rng(None if p.seed is None else p.seed % 2**64)
         return int(candidates[self._rng.choice(len(candidates), p=cand_probs)])
 
     def accept(self, token: int) -> None:
