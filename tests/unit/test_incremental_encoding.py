@@ -242,3 +242,22 @@ def test_a_prefix_that_disagrees_with_a_whole_encode_turns_prefixes_off(caplog: 
         assert client.engine.encode(messages) == expected
     assert not encoder.prefix_reuse and "encoding whole from now on" in caplog.text
     assert all(client.engine.encode(m) == whole_encode(client.engine, m) for m in prompts)
+
+
+def test_a_conversation_edited_in_place_is_encoded_as_it_now_reads() -> None:
+    # The memos know conversations by value, not by the identity of their message dicts: a
+    # caller who edits a message it sent before (in place, or in a copy) gets the edited prompt,
+    # also past the first checks, when the shortcuts are no longer compared with a whole encode.
+    client = fake_client("Noted.")
+    engine = client.engine
+    prompts = chat(client, 12)
+    assert engine.encoder._prefix_checks == 0 and engine.encoder._render_checks == 0
+    messages = [*prompts[-1]]
+    engine.encode(messages)
+    messages[3]["content"] = "An earlier question, edited afterwards."
+    messages.append({"role": "user", "content": "And now?"})
+    ids = engine.encode(messages)
+    assert ids == whole_encode(engine, messages)
+    assert "edited afterwards" in engine.render(messages)
+    swapped = [*messages[:-1], {"role": "assistant", "content": "Noted."}, messages[-1]]
+    assert engine.encode(swapped) == whole_encode(engine, swapped)
