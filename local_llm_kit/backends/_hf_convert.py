@@ -62,6 +62,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from local_llm_kit.backends._gguf_memo import shared_gguf_parsing
 from local_llm_kit.errors import ModelLoadError
 
 __all__ = ["CACHE_SUBDIR", "MARKER_NAME", "cached_hf_folder", "file_sha256", "is_gguf_file"]
@@ -203,7 +204,7 @@ def _write_entry(gguf_path: Path, out: Path, sha256: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    with tqdm(total=4, desc=f"Converting {name}", unit="step", disable=None) as steps:
+    with tqdm(total=4, desc=f"Converting {name}", unit="step", disable=None) as steps, shared_gguf_parsing():
         steps.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         metadata = gguf_string_metadata(gguf_path, ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
