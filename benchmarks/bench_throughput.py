@@ -8,13 +8,16 @@
 2. **Request path.** A warm turn with memory on at about 500, 1,500 and 3,000 history tokens:
    wall time of ``create(max_tokens=1)`` minus the time spent inside the backend's forward
    passes, i.e. validation, memory, rendering, tokenizing, slot choice, sampling and shaping.
-   Incremental encoding (turn-by-turn tokenization, see ``Engine._tokenize``) against whole
-   tokenization of every prompt, side by side on the same client.
+   Each measured turn starts from the same history, whose size is the one reported.
+   Incremental encoding (:mod:`local_llm_kit.encoding`: encoded prefixes and turn-by-turn
+   tokenization) against whole tokenization of every prompt, side by side on the same client.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import statistics
 import sys
 import time
@@ -103,36 +106,44 @@ class ForwardClock:
         backend.forward = timed  # type: ignore[method-assign]
 
 
+def warm_turn(client: LLMClient, clock: ForwardClock, history: list[dict[str, Any]], number: int) -> dict[str, float]:
+    """One measured warm turn after ``history``: its request path's own time and its forward time."""
+    # Every measured turn starts from the same history (memory copies it; the encoder's memos
+    # still know it), so that its size is the one reported, not one grown by each run.
+    client.clear_memory()
+    client.add_to_memory(history)
+    question = {"role": "user", "content": f"Question {number}: one word?"}
+    client.chat.completions.create(messages=[question], max_tokens=1)  # the previous turn: warm
+    history_tokens = client.count_tokens(client.memory)
+    clock.spent = 0.0
+    start = time.perf_counter()
+    client.chat.completions.create(messages=[{"role": "user", "content": "And then?"}], max_tokens=1)
+    total = time.perf_counter() - start
+    return {"path_s": total - clock.spent, "forward_s": clock.spent, "history_tokens": history_tokens}
+
+
 def request_path(model: str, backend: str, threads: int | None) -> dict[str, Any]:
     client = LLMClient(model, backend=backend, temperature=0, context_length=4096, n_threads=threads).load()
-    engine = client.engine
+    encoder = client.engine.encoder
     clock = ForwardClock(client)
-    boundaries = engine.encoder._boundaries
+    boundaries = encoder._boundaries
     out: dict[str, Any] = {}
-    turn = [0]
+    turns = itertools.count()
+
+    def turn(history: list[dict[str, Any]], incremental: bool) -> dict[str, float]:
+        encoder._boundaries = boundaries if incremental else ()
+        encoder.prefix_reuse = incremental
+        return warm_turn(client, clock, history, next(turns))
+
+    client.enable_memory(max_tokens=8000)
     for target in PATH_TARGETS:
         history = grow(client, "Ada", target)
-        client.enable_memory(max_tokens=8000)
-        client.clear_memory()
-        client.add_to_memory(history)
-
-        def warm_turn(incremental: bool) -> dict[str, float]:
-            engine.encoder._boundaries = boundaries if incremental else ()
-            engine.encoder.prefix_reuse = incremental
-            turn[0] += 1
-            question = {"role": "user", "content": f"Question {turn[0]}: one word?"}
-            client.chat.completions.create(messages=[question], max_tokens=1)  # the previous turn: warm
-            clock.spent = 0.0
-            start = time.perf_counter()
-            client.chat.completions.create(messages=[{"role": "user", "content": "And then?"}], max_tokens=1)
-            total = time.perf_counter() - start
-            return {"path_s": total - clock.spent, "forward_s": clock.spent}
-
-        result = side_by_side({"incremental": lambda: warm_turn(True), "whole": lambda: warm_turn(False)})
-        out[str(target)] = {"history_tokens": len(engine.encode(client.memory)),
+        result = side_by_side({"incremental": functools.partial(turn, history, True),
+                               "whole": functools.partial(turn, history, False)})
+        out[str(target)] = {"history_tokens": result["incremental"]["history_tokens"],
                             **{f"{k}_{m}": v for k, r in result.items() for m, v in r.items()}}
-        client.disable_memory()
-    engine.encoder._boundaries, engine.encoder.prefix_reuse = boundaries, True
+    client.disable_memory()
+    encoder._boundaries, encoder.prefix_reuse = boundaries, True
     client.close()
     return out
 
