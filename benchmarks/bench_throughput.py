@@ -112,12 +112,14 @@ def warm_turn(client: LLMClient, clock: ForwardClock, history: list[dict[str, An
     # still know it), so that its size is the one reported, not one grown by each run.
     client.clear_memory()
     client.add_to_memory(history)
-    question = {"role": "user", "content": f"Question {number}: one word?"}
-    client.chat.completions.create(messages=[question], max_tokens=1)  # the previous turn: warm
+    # Both turns are new to the encoder's memos, as in a real conversation: the question and
+    # the reply to it differ from run to run, and so does the measured message.
+    question = {"role": "user", "content": f"Question {number}: say something about the number {number}."}
+    client.chat.completions.create(messages=[question], max_tokens=8)  # the previous turn: warm
     history_tokens = client.count_tokens(client.memory)
     clock.spent = 0.0
     start = time.perf_counter()
-    client.chat.completions.create(messages=[{"role": "user", "content": "And then?"}], max_tokens=1)
+    client.chat.completions.create(messages=[{"role": "user", "content": f"And then, after {number}?"}], max_tokens=1)
     total = time.perf_counter() - start
     return {"path_s": total - clock.spent, "forward_s": clock.spent, "history_tokens": history_tokens}
 

@@ -5,7 +5,8 @@ make the cost of encoding it follow those messages, not the history:
 
 - renderings (:meth:`PromptEncoder.render`): the text of recent conversations, so that only the
   new messages go through the template (with the opening and the last known message, which
-  templates look at);
+  templates look at); the parts rendered so are kept too, as is the generation prompt each
+  opening and last role gets, so that a part is rendered once per request, not three times;
 - segments (:meth:`PromptEncoder._tokenize`): the ids of each piece of text between end-of-turn
   tokens, so that a turn is tokenized once;
 - encoded prefixes (:meth:`PromptEncoder.encode`): the ids of recent conversations up to their
@@ -49,6 +50,8 @@ _SEGMENT_CHECKS = 8
 _RENDER_MEMO = 64
 _RENDER_LOOKBACK = 8
 _RENDER_CHECKS = 8
+# Parts of conversations rendered for incremental rendering (the opening and a few messages).
+_PART_MEMO = 32
 # Encoded prefixes of recent conversations, and how many encodings built on one are checked.
 _PREFIX_MEMO = 64
 _PREFIX_CHECKS = 8
@@ -81,6 +84,10 @@ class PromptEncoder:
         self._renders_lock = threading.Lock()
         self._render_checks = _RENDER_CHECKS
         self.incremental_render = True
+        self._parts: OrderedDict[tuple[Any, ...], str] = OrderedDict()  # see _render_part
+        self._generation_prompts: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+        self._generation_prompt_checks = _RENDER_CHECKS
+        self.generation_prompt_reuse = True
         self._prefixes: OrderedDict[_Key, _Prefix] = OrderedDict()
         self._prefixes_lock = threading.Lock()
         self._prefix_checks = _PREFIX_CHECKS
@@ -128,18 +135,16 @@ class PromptEncoder:
         if found is None:
             return None
         known, known_text = found
-        anchor = [*messages[:opening], *messages[max(opening, known - 1):known]]
-        new = list(messages[known:])
-        render = self.template.render
-        head = render(anchor, tools=tools, add_generation_prompt=False)
-        tail_open = render([*anchor, *new], tools=tools, add_generation_prompt=False)
-        tail = tail_open if not add_generation_prompt else render([*anchor, *new], tools=tools,
-                                                                  add_generation_prompt=True)
+        first = max(opening, known - 1)
+        head = self._render_part(messages, conversation, opening, first, known, tools)
+        tail_open = self._render_part(messages, conversation, opening, first, len(messages), tools)
+        tail = tail_open if not add_generation_prompt else \
+            self._with_generation_prompt(messages, conversation, opening, first, tools, tail_open)
         if not (tail_open.startswith(head) and tail.startswith(head)):
             return None
         text = known_text + tail[len(head):]
         if self._render_checks > 0:
-            whole = render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+            whole = self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
             with self._renders_lock:
                 self._render_checks -= 1
                 if whole != text:
@@ -149,12 +154,70 @@ class PromptEncoder:
                     self._render_checks = 0
             if whole != text:
                 return whole
-        if new:
+        if known < len(messages):
             self._remember_render(conversation.key(), known_text + tail_open[len(head):])
         return text
 
     def _remember_render(self, key: _Key, text: str) -> None:
         _remember(self._renders, self._renders_lock, key, text, _RENDER_MEMO)
+
+    def _render_part(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation, opening: int,
+                     start: int, end: int, tools: Sequence[Mapping[str, Any]] | None,
+                     add_generation_prompt: bool = False) -> str:
+        """The template applied to the opening and ``messages[start:end]``, memoized by their snapshot.
+
+        The part one request renders last is often the one the next starts from: the memory's
+        count after a reply renders the same opening and new message as the reply-marked
+        conversation it splits next, and both as the prompt rendered them.
+        """
+        frozen = conversation.frozen
+        key = (conversation.tools, add_generation_prompt, frozen[:opening] + frozen[start:end])
+        with self._renders_lock:
+            text = self._parts.get(key)
+            if text is not None:
+                self._parts.move_to_end(key)
+                return text
+        text = self.template.render([*messages[:opening], *messages[start:end]], tools=tools,
+                                    add_generation_prompt=add_generation_prompt)
+        _remember(self._parts, self._renders_lock, key, text, _PART_MEMO)
+        return text
+
+    def _with_generation_prompt(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation,
+                                opening: int, start: int, tools: Sequence[Mapping[str, Any]] | None,
+                                open_text: str) -> str:
+        """``open_text`` (the part rendered without the generation prompt) with the generation prompt.
+
+        Templates append the same generation prompt to every conversation with one opening
+        whose last message has one role (``<|im_start|>assistant\\n``, or nothing after an
+        assistant message), so it is learned once per opening and role rather than rendered
+        again. The first few are checked against a rendering; a template whose generation
+        prompt depends on more (the content of the turn, say) is rendered every time from then on.
+        """
+        key = (conversation.tools, conversation.frozen[:opening], messages[-1].get("role"))
+        with self._renders_lock:
+            known = self._generation_prompts.get(key) if self.generation_prompt_reuse else None
+            if known is not None and self._generation_prompt_checks <= 0:
+                return open_text + known
+        text = self._render_part(messages, conversation, opening, start, len(messages), tools,
+                                 add_generation_prompt=True)
+        if not text.startswith(open_text):
+            return text
+        suffix = text[len(open_text):]
+        with self._renders_lock:
+            if known is not None:
+                self._generation_prompt_checks -= 1
+                if known != suffix and self.generation_prompt_reuse:
+                    logger.warning("%s: the chat template's generation prompt depends on more than the opening "
+                                   "and the last role; rendering it every time from now on", self.model_name)
+                    self.generation_prompt_reuse = False
+                    self._generation_prompts.clear()
+                    return text
+            if self.generation_prompt_reuse:
+                self._generation_prompts[key] = suffix
+                self._generation_prompts.move_to_end(key)
+                while len(self._generation_prompts) > _RENDER_MEMO:
+                    self._generation_prompts.popitem(last=False)
+        return text
 
     # -- encoding -------------------------------------------------------------------------------
     def encode(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
@@ -386,10 +449,11 @@ class _Key:
 class _Conversation:
     """A hashable snapshot of a conversation and its tools, with the hash of each of its starts."""
 
-    __slots__ = ("frozen", "hashes", "tools")
+    __slots__ = ("frozen", "item_hashes", "starts", "tools")
 
-    def __init__(self, tools: str, frozen: tuple[Any, ...], hashes: list[int]) -> None:
-        self.tools, self.frozen, self.hashes = tools, frozen, hashes
+    def __init__(self, tools: str, frozen: tuple[Any, ...], item_hashes: list[int]) -> None:
+        self.tools, self.frozen, self.item_hashes = tools, frozen, item_hashes
+        self.starts: dict[int, int] = {}  # the hash of each start looked up, by its size
 
     @classmethod
     def of(cls, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
@@ -399,22 +463,25 @@ class _Conversation:
             tools_key = json.dumps(tools, sort_keys=True, default=str) if tools else ""
         except (TypeError, ValueError):
             return None
-        return cls(tools_key, (), [hash(tools_key)]).extended(messages, 0)
+        return cls(tools_key, (), []).extended(messages, 0)
 
     def extended(self, messages: Sequence[Mapping[str, Any]], start: int) -> _Conversation | None:
         """The snapshot of ``messages``, whose first ``start`` are this conversation's first ``start``."""
-        frozen = list(self.frozen[:start])
-        hashes = self.hashes[:start + 1]
-        running = hashes[-1]
+        # Frozen and hashed in C-level loops where the messages allow: a long history is walked
+        # twice a request. Lists and dicts (tool calls) make a message unhashable: it is frozen
+        # as JSON text instead, and so is every message of that call (each the same way as alone).
+        rest = messages[start:]
         try:
-            for message in messages[start:]:
-                item, item_hash = _freeze(message)
-                frozen.append(item)
-                running = hash((running, item_hash))  # each start's hash from the previous one's
-                hashes.append(running)
+            items = [tuple(message.items()) for message in rest]
+            try:
+                item_hashes = list(map(hash, items))
+            except TypeError:
+                frozen_rest = [_freeze(message) for message in rest]
+                items = [item for item, _ in frozen_rest]
+                item_hashes = [item_hash for _, item_hash in frozen_rest]
         except (TypeError, ValueError):
             return None
-        return _Conversation(self.tools, tuple(frozen), hashes)
+        return _Conversation(self.tools, (*self.frozen[:start], *items), [*self.item_hashes[:start], *item_hashes])
 
     def __len__(self) -> int:
         return len(self.frozen)
@@ -422,7 +489,10 @@ class _Conversation:
     def key(self, size: int | None = None) -> _Key:
         """The key of the first ``size`` messages (all of them by default)."""
         size = len(self.frozen) if size is None else size
-        return _Key(self.tools, self.frozen, size, self.hashes[size])
+        start_hash = self.starts.get(size)
+        if start_hash is None:  # a few starts are looked up per conversation: hashed when asked
+            start_hash = self.starts[size] = hash((self.tools, tuple(self.item_hashes[:size])))
+        return _Key(self.tools, self.frozen, size, start_hash)
 
 
 def _freeze(message: Mapping[str, Any]) -> tuple[Any, int]:

@@ -136,7 +136,19 @@ class LlamaCppBackend(Backend):
         return self._n_ctx
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        # Llama.tokenize allocates room for a whole training context on every call (0.2 ms at
+        # 8k, 1 ms at 32k): a warm turn's few new tokens need a buffer of their own size. A
+        # token covers at least one byte of the text.
+        data = text.encode("utf-8")
+        size = len(data) + 1
+        buffer = (llama_cpp.llama_token * size)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, size, False, True)
+        if n < 0:  # never for these arguments; llama.cpp reports the room it needs
+            buffer = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, -n, False, True)
+            if n < 0:
+                raise RuntimeError(f"llama.cpp failed to tokenize {len(data)} bytes ({n})")
+        return buffer[:n]
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._pieces.get(token_id)

@@ -261,3 +261,47 @@ def test_a_conversation_edited_in_place_is_encoded_as_it_now_reads() -> None:
     assert "edited afterwards" in engine.render(messages)
     swapped = [*messages[:-1], {"role": "assistant", "content": "Noted."}, messages[-1]]
     assert engine.encode(swapped) == whole_encode(engine, swapped)
+
+
+# -- parts and generation prompts ---------------------------------------------------------------------
+
+THINKS_ON_REQUEST = (  # the generation prompt opens a thought when the last message asks for one
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if '/think' in messages[-1]['content'] %}{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+
+
+def test_a_generation_prompt_that_depends_on_the_turn_is_rendered_every_time(caplog: pytest.LogCaptureFixture) -> None:
+    client = fake_client(backend=FakeBackend("ok", chat_template=THINKS_ON_REQUEST))
+    engine = client.engine
+    client.enable_memory(max_tokens=100_000)
+    prompts = []
+    with caplog.at_level("WARNING"):
+        for i in range(12):
+            new = {"role": "user", "content": f"Question {i}" + (" /think" if i % 3 == 2 else "")}
+            prompts.append([*client.memory, new])
+            client.chat.completions.create(messages=[new])
+    assert not engine.encoder.generation_prompt_reuse and "generation prompt" in caplog.text
+    for messages in prompts:
+        assert engine.render(messages) == engine.template.render(messages)
+        assert engine.encode(messages) == whole_encode(engine, messages)
+
+
+def test_a_warm_turn_renders_each_part_once() -> None:
+    # The prompt renders its new part once (the generation prompt is known); the memory's count
+    # after the reply and the reply-marked conversation it splits share the part before the reply.
+    client = fake_client("A reply.")
+    engine = client.engine
+    chat(client, 12)
+    assert engine.encoder._render_checks == 0 and engine.encoder._generation_prompt_checks <= 0
+    rendered: list[int] = []
+    inner = engine.template.render
+
+    def counting(messages: Sequence[Any], **kwargs: Any) -> str:
+        rendered.append(len(messages))
+        return inner(messages, **kwargs)
+
+    engine.template.render = counting  # type: ignore[method-assign]
+    client.chat.completions.create(messages=[{"role": "user", "content": "One more, never seen."}])
+    assert len(rendered) == 4, rendered  # the prompt: head and tail; the count: its tail, the marked tail
