@@ -154,11 +154,8 @@ def test_a_template_that_numbers_messages_is_rendered_whole(caplog: pytest.LogCa
         assert engine.render(messages) == engine.template.render(messages)
 
 
-def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
-    client = fake_client("A reply.")
-    engine = client.engine
-    chat(client, 12)  # past the checks against whole renderings
-    assert engine.encoder._render_checks == 0 and engine.encoder.incremental_render
+def count_renders(engine: Engine) -> list[int]:
+    """From now on, the size of every conversation (or part) the template renders, in order."""
     rendered: list[int] = []
     inner = engine.template.render
 
@@ -167,6 +164,15 @@ def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
         return inner(messages, **kwargs)
 
     engine.template.render = counting  # type: ignore[method-assign]
+    return rendered
+
+
+def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
+    client = fake_client("A reply.")
+    engine = client.engine
+    chat(client, 12)  # past the checks against whole renderings
+    assert engine.encoder._render_checks == 0 and engine.encoder.incremental_render
+    rendered = count_renders(engine)
     client.chat.completions.create(messages=[{"role": "user", "content": "One more."}])
     assert rendered and max(rendered) <= 5 < len(client.memory)
 
@@ -295,13 +301,6 @@ def test_a_warm_turn_renders_each_part_once() -> None:
     engine = client.engine
     chat(client, 12)
     assert engine.encoder._render_checks == 0 and engine.encoder._generation_prompt_checks <= 0
-    rendered: list[int] = []
-    inner = engine.template.render
-
-    def counting(messages: Sequence[Any], **kwargs: Any) -> str:
-        rendered.append(len(messages))
-        return inner(messages, **kwargs)
-
-    engine.template.render = counting  # type: ignore[method-assign]
+    rendered = count_renders(engine)
     client.chat.completions.create(messages=[{"role": "user", "content": "One more, never seen."}])
     assert len(rendered) == 4, rendered  # the prompt: head and tail; the count: its tail, the marked tail
