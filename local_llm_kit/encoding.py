@@ -195,28 +195,25 @@ class PromptEncoder:
         """
         key = (conversation.tools, conversation.frozen[:opening], messages[-1].get("role"))
         with self._renders_lock:
-            known = self._generation_prompts.get(key) if self.generation_prompt_reuse else None
-            if known is not None and self._generation_prompt_checks <= 0:
-                return open_text + known
+            learned = self._generation_prompts.get(key) if self.generation_prompt_reuse else None
+            if learned is not None and self._generation_prompt_checks <= 0:
+                return open_text + learned
         text = self._render_part(messages, conversation, opening, start, len(messages), tools,
                                  add_generation_prompt=True)
         if not text.startswith(open_text):
             return text
         suffix = text[len(open_text):]
         with self._renders_lock:
-            if known is not None:
+            if learned is not None:
                 self._generation_prompt_checks -= 1
-                if known != suffix and self.generation_prompt_reuse:
+                if learned != suffix and self.generation_prompt_reuse:
                     logger.warning("%s: the chat template's generation prompt depends on more than the opening "
                                    "and the last role; rendering it every time from now on", self.model_name)
                     self.generation_prompt_reuse = False
                     self._generation_prompts.clear()
-                    return text
-            if self.generation_prompt_reuse:
-                self._generation_prompts[key] = suffix
-                self._generation_prompts.move_to_end(key)
-                while len(self._generation_prompts) > _RENDER_MEMO:
-                    self._generation_prompts.popitem(last=False)
+            reuse = self.generation_prompt_reuse
+        if reuse:  # a lookup checks reuse first: one stored by a thread that raced a disagreement is never read
+            _remember(self._generation_prompts, self._renders_lock, key, suffix, _RENDER_MEMO)
         return text
 
     # -- encoding -------------------------------------------------------------------------------
