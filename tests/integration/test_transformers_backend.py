@@ -42,7 +42,12 @@ def _smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fresh_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache of this module's own, so that SmolLM2 is converted here from nothing.
+
+    Gemma loads from the session's cache instead: converting it takes 50-120 s on this project's
+    2-core machine, and the conformance suites convert it into that cache anyway.
+    """
     return tmp_path_factory.mktemp("llk-cache")
 
 
@@ -65,8 +70,8 @@ def _load(path: Path, cache_dir: Path, dtype: str | None = None) -> Transformers
 
 
 @pytest.fixture(scope="module")
-def smol(smol_path: Path, cache_dir: Path) -> Iterator[TransformersBackend]:
-    backend = _load(smol_path, cache_dir, dtype="float32")
+def smol(smol_path: Path, fresh_cache: Path) -> Iterator[TransformersBackend]:
+    backend = _load(smol_path, fresh_cache, dtype="float32")
     yield backend
     backend.close()
 
@@ -122,8 +127,8 @@ def test_smollm2_answers_sanely(smol: TransformersBackend) -> None:
     assert list(smol.cached_tokens) == ids + answer[:-1]
 
 
-def test_default_dtype_answers_sanely(smol_path: Path, cache_dir: Path) -> None:
-    backend = _load(smol_path, cache_dir)  # the default dtype (bfloat16 on cpu)
+def test_default_dtype_answers_sanely(smol_path: Path, fresh_cache: Path) -> None:
+    backend = _load(smol_path, fresh_cache)  # the default dtype (bfloat16 on cpu)
     try:
         assert "Paris" in _text(backend, _greedy(backend, backend.forward(_prompt(backend)), 12))
     finally:
@@ -287,13 +292,13 @@ def test_llg_tokenizer(smol: TransformersBackend) -> None:
 
 
 def test_second_load_reuses_conversion(
-    smol: TransformersBackend, smol_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+    smol: TransformersBackend, smol_path: Path, fresh_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = Path(smol.info.extra["folder"])
-    assert folder.parent == cache_dir / CACHE_SUBDIR
+    assert folder.parent == fresh_cache / CACHE_SUBDIR
     stamp = (folder / MARKER_NAME).stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="local_llm_kit.backends._hf_convert"):
-        again = _load(smol_path, cache_dir, dtype="float32")
+        again = _load(smol_path, fresh_cache, dtype="float32")
     try:
         assert not [r for r in caplog.records if "converting" in r.getMessage()]
         assert (folder / MARKER_NAME).stat().st_mtime_ns == stamp
@@ -311,10 +316,10 @@ def _link_folder(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None
             (target / item.name).symlink_to(item)
 
 
-def test_loads_hugging_face_folder(smol: TransformersBackend, cache_dir: Path, tmp_path: Path) -> None:
+def test_loads_hugging_face_folder(smol: TransformersBackend, fresh_cache: Path, tmp_path: Path) -> None:
     folder = tmp_path / "smollm2-hf"
     _link_folder(Path(smol.info.extra["folder"]), folder, skip=(MARKER_NAME,))  # a plain HF folder
-    backend = _load(folder, cache_dir, dtype="float32")
+    backend = _load(folder, fresh_cache, dtype="float32")
     try:
         assert backend.info.path == str(folder)
         assert backend.info.chat_template == smol.info.chat_template
