@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from local_llm_kit import structured
 from local_llm_kit.decoding import Finished, GenerationSettings, TextPiece, generate
@@ -38,6 +39,8 @@ __all__ = ["PreparedChat", "complete", "encode_request", "prepare", "stream"]
 class PreparedChat:
     request: ChatRequest
     output: OutputMode
+    messages: list[dict[str, Any]]
+    """The conversation as the template rendered it (the output mode's notes added)."""
     prompt: list[int]
     max_tokens: int
     model_name: str
@@ -50,15 +53,20 @@ def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
 
 def encode_request(engine: Engine, request: ChatRequest) -> tuple[OutputMode, list[int]]:
     """The output mode of a request and the exact prompt token ids it feeds the model."""
+    output, _, prompt = _encode(engine, request)
+    return output, prompt
+
+
+def _encode(engine: Engine, request: ChatRequest) -> tuple[OutputMode, list[dict[str, Any]], list[int]]:
     with engine.lease.reading():
         output = select_output_mode(engine, request)
         messages = output.prepare_messages(request.messages)
-        return output, engine.encode(messages, tools=output.template_tools)
+        return output, messages, engine.encode(messages, tools=output.template_tools)
 
 
 def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedChat:
     """Render and tokenize the prompt and check it against the context window."""
-    output, prompt = encode_request(engine, request)
+    output, messages, prompt = _encode(engine, request)
     n_ctx = engine.n_ctx
     room = n_ctx - len(prompt)
     if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
@@ -70,7 +78,7 @@ def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedCh
             param="max_tokens" if room > 0 else "messages",
         )
     max_tokens = request.max_tokens if request.max_tokens is not None else room
-    return PreparedChat(request, output, prompt, max_tokens, request.model or model_name)
+    return PreparedChat(request, output, messages, prompt, max_tokens, request.model or model_name)
 
 
 def _settings(prepared: PreparedChat, choice_index: int) -> GenerationSettings:
@@ -93,6 +101,10 @@ def _run(engine: Engine, prepared: PreparedChat, index: int, ticket: Ticket,
     backend = engine.slot_backend(prepared.prompt, ticket)
     yield from generate(backend, prepared.prompt, _settings(prepared, index),
                         constraint=prepared.output.constraint(), cancel=cancel, pass_costs=engine.pass_costs)
+
+
+def _remember(engine: Engine, prepared: PreparedChat, content: str, token_ids: list[int]) -> None:
+    engine.remember_generation(prepared.messages, content, token_ids, tools=prepared.output.template_tools)
 
 
 def _new_id() -> str:
@@ -121,7 +133,7 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
                     raise GenerationCancelledError("generation was cancelled")
                 message, reason = prepared.output.finalize("".join(texts), finished.reason)
                 if message.content is not None and not message.tool_calls and not message.function_call:
-                    engine.remember_generation(message.content, finished.token_ids)
+                    _remember(engine, prepared, message.content, finished.token_ids)
                 completion_tokens += finished.completion_tokens
                 choices.append(Choice(index=index, message=message, finish_reason=reason,
                                       logprobs=ChoiceLogprobs(content=logprobs) if prepared.request.logprobs
@@ -191,7 +203,7 @@ def stream(engine: Engine, prepared: PreparedChat,
                     completion_tokens += event.completion_tokens
                     message, _ = prepared.output.finalize("".join(texts), event.reason)
                     if message.content is not None and not message.tool_calls and not message.function_call:
-                        engine.remember_generation(message.content, event.token_ids)
+                        _remember(engine, prepared, message.content, event.token_ids)
                     deltas, reason = shaper.finish(event.reason)
                     for delta in deltas:
                         yield chunk(index, delta)

@@ -17,7 +17,10 @@ Each shortcut is checked against the whole computation for its first few uses; o
 (a template that rewrites earlier turns, a tokenizer that merges across special tokens) is turned
 off with a warning, and the whole computation is used from then on. Replies this engine
 generated keep the ids they were generated as: re-tokenizing their text can give other ids,
-which would change what the model sees and defeat KV-cache reuse.
+which would change what the model sees and defeat KV-cache reuse. A reply is known by the
+conversation it answered as well as by its text, so a text generated as other ids elsewhere, or
+typed by a user, never lends its ids to this conversation: a conversation encodes to the same ids
+whichever others the engine served in between.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class PromptEncoder:
         self.template = template
         self.backend = backend
         self.model_name = model_name
-        self._generated: OrderedDict[str, list[int]] = OrderedDict()
+        # Keyed by where the reply stands (the conversation before it, with its tools) and its
+        # text: the same text generated as other ids in another conversation is another entry.
+        self._generated: OrderedDict[tuple[_Key, str], list[int]] = OrderedDict()
         self._generated_lock = threading.Lock()
         self._segments: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._segments_lock = threading.Lock()
@@ -266,7 +271,7 @@ class PromptEncoder:
         a longer conversation will share (see :func:`_last_cut`).
         """
         offset = len(known.text) if known is not None else 0
-        later = self._generated_replies(messages, start)
+        later = self._generated_replies(messages, conversation, start)
         if later:
             pieces = self._split_at_replies(messages, conversation, later, text, tools, add_generation_prompt)
             if pieces is None or len(pieces[0]) < offset:
@@ -302,19 +307,41 @@ class PromptEncoder:
                 self._prefixes.clear()
         return built if built[0] == whole[0] else whole
 
-    def _generated_replies(self, messages: Sequence[Mapping[str, Any]], start: int) -> dict[int, list[int]]:
-        """The ids of the replies from ``messages[start]`` on that this engine generated, by index."""
-        with self._generated_lock:
-            return {i: self._generated[content] for i in range(start, len(messages))
-                    if messages[i].get("role") == "assistant" and isinstance(content := messages[i].get("content"), str)
-                    and content in self._generated}
+    def _generated_replies(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None,
+                           start: int) -> dict[int, list[int]]:
+        """The ids of the replies from ``messages[start]`` on that this engine generated, by index.
 
-    def remember_generation(self, content: str, token_ids: Sequence[int]) -> None:
-        """Record that ``content`` was generated as ``token_ids`` (for :meth:`encode`)."""
+        A reply counts as generated where it stands after the very conversation it was generated
+        for: the same text elsewhere (typed by a user, or generated as other ids in another
+        conversation) is tokenized like any text, so that a conversation encodes to the same ids
+        whichever other conversations the engine saw in between.
+        """
+        if conversation is None:
+            return {}
+        found: dict[int, list[int]] = {}
+        with self._generated_lock:
+            if not self._generated:
+                return found
+            for i in range(start, len(messages)):
+                message = messages[i]
+                if message.get("role") == "assistant" and isinstance(content := message.get("content"), str):
+                    ids = self._generated.get((conversation.key(i), content))
+                    if ids is not None:
+                        found[i] = ids
+        return found
+
+    def remember_generation(self, messages: Sequence[Mapping[str, Any]], content: str, token_ids: Sequence[int],
+                            *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Record that ``content`` was generated as ``token_ids`` in reply to ``messages`` (the
+        conversation as it was encoded, with its ``tools``): a later prompt that has this reply
+        after these messages feeds those ids again (see :meth:`encode`)."""
         ids = [t for t in token_ids if t not in self.backend.info.eos_token_ids]
         if not content or b"".join(self.backend.token_bytes(t) for t in ids) != content.encode():
             return  # a stop string or a constraint changed the text: nothing to splice
-        _remember(self._generated, self._generated_lock, content, ids, _REMEMBERED_GENERATIONS)
+        conversation = _Conversation.of(messages, tools)
+        if conversation is None:  # a message that does not serialize: nothing to key the reply by
+            return
+        _remember(self._generated, self._generated_lock, (conversation.key(), content), ids, _REMEMBERED_GENERATIONS)
 
     def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None,
                           generated: Mapping[int, list[int]], text: str, tools: Sequence[Mapping[str, Any]] | None,

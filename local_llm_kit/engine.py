@@ -71,9 +71,11 @@ class Engine:
         """Token ids of the rendered conversation: exactly what the model is fed (see :mod:`local_llm_kit.encoding`)."""
         return self.encoder.encode(messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
-    def remember_generation(self, content: str, token_ids: Sequence[int]) -> None:
-        """Record that ``content`` was generated as ``token_ids``: later prompts feed those ids again."""
-        self.encoder.remember_generation(content, token_ids)
+    def remember_generation(self, messages: Sequence[Mapping[str, Any]], content: str, token_ids: Sequence[int],
+                            *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Record that ``content`` was generated as ``token_ids`` in reply to ``messages`` (as
+        encoded, with ``tools``): later prompts with this reply after those messages feed those ids again."""
+        self.encoder.remember_generation(messages, content, token_ids, tools=tools)
 
     @property
     def closed(self) -> bool:

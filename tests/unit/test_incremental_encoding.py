@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -267,6 +268,50 @@ def test_a_conversation_edited_in_place_is_encoded_as_it_now_reads() -> None:
     assert "edited afterwards" in engine.render(messages)
     swapped = [*messages[:-1], {"role": "assistant", "content": "Noted."}, messages[-1]]
     assert engine.encode(swapped) == whole_encode(engine, swapped)
+
+
+class MergesBraces(FakeBackend):
+    """A byte-level tokenizer with one merge, "{}" -> one token: a text with two tokenizations."""
+
+    BRACES = 256 + 32  # past the byte and special ids
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._info = dataclasses.replace(self._info, n_vocab=self.BRACES + 1)
+
+    def tokenize(self, text: str) -> list[int]:
+        out: list[int] = []
+        for token in super().tokenize(text):
+            if token == ord("}") and out and out[-1] == ord("{"):
+                out[-1] = self.BRACES
+            else:
+                out.append(token)
+        return out
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b"{}" if token_id == self.BRACES else super().token_bytes(token_id)
+
+
+def test_a_generated_reply_keeps_its_ids_only_where_it_was_generated() -> None:
+    # The same reply text generated as other ids in two conversations (say "{}" under a JSON
+    # grammar, which emits "{" and "}", and as free text, which emits the merged token): each
+    # conversation is encoded with its own reply's ids, whichever was generated last, the same
+    # way from a memoized prefix and whole; where nobody generated the text it is tokenized.
+    client = fake_client(backend=MergesBraces("ok"))
+    engine = client.engine
+    split, merged = [ord("{"), ord("}")], [MergesBraces.BRACES]
+    asked = [[{"role": "user", "content": f"Question {i}"}] for i in range(3)]
+    conversations = [[*a, {"role": "assistant", "content": "{}"}, {"role": "user", "content": "And?"}] for a in asked]
+    for question, conversation, generated in zip(asked, conversations, (split, merged), strict=False):
+        engine.remember_generation(question, "{}", generated)
+        engine.encode(conversation[:2], add_generation_prompt=False)  # memoizes its prefix
+    engine.remember_generation(asked[0], "{}", split)  # the last reply generated: "{}" split
+    for conversation, reply_ids in zip(conversations, (split, merged, merged), strict=True):  # the third: typed
+        before = engine.backend.tokenize(engine.render(conversation[:1]))
+        for ids in (engine.encode(conversation), whole_encode(engine, conversation)):
+            assert ids[:len(before)] == before
+            assert ids[len(before):len(before) + len(reply_ids) + 1] == [*reply_ids, MergesBraces.END_OF_TURN]
+    assert engine.encoder.prefix_reuse
 
 
 # -- parts and generation prompts ---------------------------------------------------------------------
