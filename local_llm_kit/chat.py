@@ -11,10 +11,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from local_llm_kit import structured
 from local_llm_kit.decoding import Finished, GenerationSettings, TextPiece, generate
+from local_llm_kit.encoding import ReplyPlace
 from local_llm_kit.engine import Engine
 from local_llm_kit.errors import GenerationCancelledError, TokenLimitError
 from local_llm_kit.lease import Ticket
@@ -39,9 +39,9 @@ __all__ = ["PreparedChat", "complete", "encode_request", "prepare", "stream"]
 class PreparedChat:
     request: ChatRequest
     output: OutputMode
-    messages: list[dict[str, Any]]
-    """The conversation as the template rendered it (the output mode's notes added)."""
     prompt: list[int]
+    reply_place: ReplyPlace | None
+    """Where the reply stands: the conversation as it was encoded (see :meth:`Engine.remember_generation`)."""
     max_tokens: int
     model_name: str
 
@@ -53,20 +53,20 @@ def select_output_mode(engine: Engine, request: ChatRequest) -> OutputMode:
 
 def encode_request(engine: Engine, request: ChatRequest) -> tuple[OutputMode, list[int]]:
     """The output mode of a request and the exact prompt token ids it feeds the model."""
-    output, _, prompt = _encode(engine, request)
+    output, prompt, _ = _encode(engine, request)
     return output, prompt
 
 
-def _encode(engine: Engine, request: ChatRequest) -> tuple[OutputMode, list[dict[str, Any]], list[int]]:
+def _encode(engine: Engine, request: ChatRequest) -> tuple[OutputMode, list[int], ReplyPlace | None]:
     with engine.lease.reading():
         output = select_output_mode(engine, request)
         messages = output.prepare_messages(request.messages)
-        return output, messages, engine.encode(messages, tools=output.template_tools)
+        return output, *engine.encode_prompt(messages, tools=output.template_tools)
 
 
 def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedChat:
     """Render and tokenize the prompt and check it against the context window."""
-    output, messages, prompt = _encode(engine, request)
+    output, prompt, reply_place = _encode(engine, request)
     n_ctx = engine.n_ctx
     room = n_ctx - len(prompt)
     if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
@@ -78,7 +78,7 @@ def prepare(engine: Engine, request: ChatRequest, model_name: str) -> PreparedCh
             param="max_tokens" if room > 0 else "messages",
         )
     max_tokens = request.max_tokens if request.max_tokens is not None else room
-    return PreparedChat(request, output, messages, prompt, max_tokens, request.model or model_name)
+    return PreparedChat(request, output, prompt, reply_place, max_tokens, request.model or model_name)
 
 
 def _settings(prepared: PreparedChat, choice_index: int) -> GenerationSettings:
@@ -104,7 +104,8 @@ def _run(engine: Engine, prepared: PreparedChat, index: int, ticket: Ticket,
 
 
 def _remember(engine: Engine, prepared: PreparedChat, content: str, token_ids: list[int]) -> None:
-    engine.remember_generation(prepared.messages, content, token_ids, tools=prepared.output.template_tools)
+    if prepared.reply_place is not None:
+        engine.remember_generation(prepared.reply_place, content, token_ids)
 
 
 def _new_id() -> str:

@@ -38,7 +38,7 @@ from local_llm_kit.backends import Backend
 from local_llm_kit.errors import TemplateError
 from local_llm_kit.templates import ChatTemplate
 
-__all__ = ["PromptEncoder"]
+__all__ = ["PromptEncoder", "ReplyPlace"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,15 @@ class PromptEncoder:
         rest of the text is tokenized normally. A conversation that extends one encoded recently
         starts from that one's ids (see the module's docstring).
         """
+        return self.encode_prompt(messages, tools=tools, add_generation_prompt=add_generation_prompt)[0]
+
+    def encode_prompt(self, messages: Sequence[Mapping[str, Any]], *,
+                      tools: Sequence[Mapping[str, Any]] | None = None,
+                      add_generation_prompt: bool = True) -> tuple[list[int], ReplyPlace | None]:
+        """:meth:`encode`, and where a reply to this conversation stands, for
+        :meth:`remember_generation` (``None`` when a message does not serialize). The place is
+        the conversation as it was encoded: later edits of the messages do not move it, and
+        remembering a reply by it does not walk the history again."""
         conversation = _Conversation.of(messages, tools)
         text = self._render(messages, tools, add_generation_prompt, conversation)
         # The text the next turn starts with: this conversation without the generation prompt.
@@ -251,7 +260,7 @@ class PromptEncoder:
         ids, cut = built
         if conversation is not None and cut is not None and self.prefix_reuse:
             _remember(self._prefixes, self._prefixes_lock, conversation.key(), cut, _PREFIX_MEMO)
-        return ids
+        return ids, (conversation.key() if conversation is not None else None)
 
     def _encode_whole(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None, text: str,
                       tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
@@ -330,18 +339,21 @@ class PromptEncoder:
                         found[i] = ids
         return found
 
-    def remember_generation(self, messages: Sequence[Mapping[str, Any]], content: str, token_ids: Sequence[int],
-                            *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """Record that ``content`` was generated as ``token_ids`` in reply to ``messages`` (the
-        conversation as it was encoded, with its ``tools``): a later prompt that has this reply
-        after these messages feeds those ids again (see :meth:`encode`)."""
+    def remember_generation(self, after: Sequence[Mapping[str, Any]] | ReplyPlace, content: str,
+                            token_ids: Sequence[int], *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Record that ``content`` was generated as ``token_ids`` in reply to a conversation: a
+        later prompt that has this reply after that conversation feeds those ids again (see
+        :meth:`encode`). ``after`` is the conversation's place from :meth:`encode_prompt`, or its
+        messages as they were encoded, with their ``tools``."""
         ids = [t for t in token_ids if t not in self.backend.info.eos_token_ids]
         if not content or b"".join(self.backend.token_bytes(t) for t in ids) != content.encode():
             return  # a stop string or a constraint changed the text: nothing to splice
-        conversation = _Conversation.of(messages, tools)
-        if conversation is None:  # a message that does not serialize: nothing to key the reply by
-            return
-        _remember(self._generated, self._generated_lock, (conversation.key(), content), ids, _REMEMBERED_GENERATIONS)
+        if not isinstance(after, _Key):
+            conversation = _Conversation.of(after, tools)
+            if conversation is None:  # a message that does not serialize: nothing to key the reply by
+                return
+            after = conversation.key()
+        _remember(self._generated, self._generated_lock, (after, content), ids, _REMEMBERED_GENERATIONS)
 
     def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None,
                           generated: Mapping[int, list[int]], text: str, tools: Sequence[Mapping[str, Any]] | None,
@@ -468,6 +480,10 @@ class _Key:
         if self._hash != other._hash or self.size != other.size or self.tools != other.tools:
             return False
         return self.frozen is other.frozen or self.frozen[:self.size] == other.frozen[:other.size]
+
+
+ReplyPlace = _Key
+"""Where a reply stands: the conversation before it, as encoded (opaque; see :meth:`PromptEncoder.encode_prompt`)."""
 
 
 class _Conversation:

@@ -14,7 +14,7 @@ from typing import Any
 
 from local_llm_kit.backends import Backend, BackendOptions, create_backend
 from local_llm_kit.backends.base import SlotView
-from local_llm_kit.encoding import PromptEncoder
+from local_llm_kit.encoding import PromptEncoder, ReplyPlace
 from local_llm_kit.lease import ModelLease, Ticket
 from local_llm_kit.models import ResolvedModel
 from local_llm_kit.slots import SlotTable
@@ -71,11 +71,17 @@ class Engine:
         """Token ids of the rendered conversation: exactly what the model is fed (see :mod:`local_llm_kit.encoding`)."""
         return self.encoder.encode(messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
-    def remember_generation(self, messages: Sequence[Mapping[str, Any]], content: str, token_ids: Sequence[int],
-                            *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """Record that ``content`` was generated as ``token_ids`` in reply to ``messages`` (as
-        encoded, with ``tools``): later prompts with this reply after those messages feed those ids again."""
-        self.encoder.remember_generation(messages, content, token_ids, tools=tools)
+    def encode_prompt(self, messages: Sequence[Mapping[str, Any]], *,
+                      tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[list[int], ReplyPlace | None]:
+        """The prompt's ids and where a reply to it stands (see :meth:`PromptEncoder.encode_prompt`)."""
+        return self.encoder.encode_prompt(messages, tools=tools)
+
+    def remember_generation(self, after: Sequence[Mapping[str, Any]] | ReplyPlace, content: str,
+                            token_ids: Sequence[int], *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Record that ``content`` was generated as ``token_ids`` in reply to a conversation (its
+        place, or its messages as encoded, with ``tools``): later prompts with this reply after
+        that conversation feed those ids again."""
+        self.encoder.remember_generation(after, content, token_ids, tools=tools)
 
     @property
     def closed(self) -> bool:
