@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,23 +99,41 @@ def test_errors(smol: LLMClient) -> None:
 BATCH_INVARIANT: dict[str, dict[str, Any]] = {"transformers": {"dtype": "float32"}, "llama.cpp": {"flash_attn": True}}
 
 
+@pytest.fixture(scope="module")
+def batch_invariant(backend: str, cache_dir: Path) -> Iterator[Callable[[str], LLMClient]]:
+    """A client of a model under the batch-invariant options of this backend, loaded once per module."""
+    clients: dict[str, LLMClient] = {}
+
+    def client(model: str) -> LLMClient:
+        if model not in clients:
+            clients[model] = LLMClient(model, backend=backend, temperature=0, cache_dir=cache_dir,
+                                       **BATCH_INVARIANT[backend]).load()
+        return clients[model]
+
+    yield client
+    for loaded in clients.values():
+        loaded.close()
+
+
 @pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma-3-270m"])
-def test_kv_reuse_gives_the_same_greedy_output_as_a_cold_prompt(backend: str, model: str, cache_dir: Path) -> None:
-    with LLMClient(model, backend=backend, temperature=0, cache_dir=cache_dir, **BATCH_INVARIANT[backend]) as client:
-        history = [{"role": "user", "content": "Tell me about the moon."}]
-        first = client.chat.completions.create(messages=history, max_tokens=24)
-        history += [{"role": "assistant", "content": first.choices[0].message.content},
-                    {"role": "user", "content": "And the sun?"}]
-        cached = list(client.engine.backend.cached_tokens)  # the first prompt and the reply's ids
-        assert client.engine.encode(history)[:len(cached)] == cached  # all of it reused by the warm turn
-        warm = client.chat.completions.create(messages=history, max_tokens=24)
-        client.engine.backend.clear_cache()  # every KV-cache slot
-        cold = client.chat.completions.create(messages=history, max_tokens=24)
-        assert warm.choices[0].message.content == cold.choices[0].message.content
-        assert warm.usage == cold.usage
+def test_kv_reuse_gives_the_same_greedy_output_as_a_cold_prompt(
+        batch_invariant: Callable[[str], LLMClient], model: str) -> None:
+    client = batch_invariant(model)
+    history = [{"role": "user", "content": "Tell me about the moon."}]
+    first = client.chat.completions.create(messages=history, max_tokens=24)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And the sun?"}]
+    cached = list(client.engine.backend.cached_tokens)  # the first prompt and the reply's ids
+    assert client.engine.encode(history)[:len(cached)] == cached  # all of it reused by the warm turn
+    warm = client.chat.completions.create(messages=history, max_tokens=24)
+    client.engine.backend.clear_cache()  # every KV-cache slot
+    cold = client.chat.completions.create(messages=history, max_tokens=24)
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+    assert warm.usage == cold.usage
 
 
-def test_memory_across_turns_matches_explicit_history(smol: LLMClient) -> None:
+def test_memory_across_turns_matches_explicit_history(batch_invariant: Callable[[str], LLMClient]) -> None:
+    smol = batch_invariant("smollm2-135m-instruct")  # b and c below are a warm turn and a cold prompt
     smol.enable_memory(max_tokens=1500)
     try:
         a = smol.chat.completions.create(messages=[{"role": "user", "content": "My name is Ada."}], max_tokens=16)
