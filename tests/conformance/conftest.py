@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,6 @@ from local_llm_kit import LLMClient
 BACKENDS = ["llama.cpp", "transformers"]
 _ENGINE_MODULE = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 _clients: dict[tuple[str, str], LLMClient] = {}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _close_loaded_clients() -> Iterator[None]:
-    """Unload the shared clients at the end of the session, not in llama-cpp-python's ``__del__``
-    at interpreter exit (which prints an ignored TypeError once its module globals are gone)."""
-    yield
-    while _clients:
-        _clients.popitem()[1].close()
 
 
 @pytest.fixture(params=BACKENDS, scope="session")

@@ -25,14 +25,13 @@ REAL_MODEL: dict[str, Any] = {"model": "smollm2-135m-instruct", "backend": "llam
 
 
 @pytest.fixture(scope="session")
-def real_model() -> Iterator[Any]:
+def real_model() -> Any:
     """The embedded SmolLM2 on llama.cpp, greedy, loaded once."""
     from langchain_local_llm_kit import ChatLocalLLMKit
 
     model = ChatLocalLLMKit(**REAL_MODEL, temperature=0, max_tokens=48)
     model.sync_client.load()
-    yield model
-    model.sync_client.close()  # at the session's end, not in llama-cpp-python's __del__ at interpreter exit
+    return model
 
 
 @pytest.fixture(autouse=True)

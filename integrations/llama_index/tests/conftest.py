@@ -60,20 +60,16 @@ def load_llm() -> Callable[[LocalLLMKit], LocalLLMKit]:
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_llm(llk_cache_dir: str) -> Iterator[LocalLLMKit]:
+def llama_cpp_llm(llk_cache_dir: str) -> LocalLLMKit:
     """SmolLM2 on llama.cpp, greedy, short replies. Tests must not change its fields.
 
     One thread: on a shared machine llama.cpp's spinning workers collapse when cores are busy.
     """
-    llm = loaded(LocalLLMKit(backend="llama.cpp", temperature=0, max_tokens=40, n_threads=1,
-                             cache_dir=llk_cache_dir))
-    yield llm
-    llm.client.close()  # at the session's end, not in llama-cpp-python's __del__ at interpreter exit
+    return loaded(LocalLLMKit(backend="llama.cpp", temperature=0, max_tokens=40, n_threads=1,
+                              cache_dir=llk_cache_dir))
 
 
 @pytest.fixture(scope="session")
-def transformers_llm(llk_cache_dir: str) -> Iterator[LocalLLMKit]:
-    llm = loaded(LocalLLMKit(backend="transformers", temperature=0, max_tokens=40, n_threads=1,
-                             cache_dir=llk_cache_dir))
-    yield llm
-    llm.client.close()
+def transformers_llm(llk_cache_dir: str) -> LocalLLMKit:
+    return loaded(LocalLLMKit(backend="transformers", temperature=0, max_tokens=40, n_threads=1,
+                              cache_dir=llk_cache_dir))
