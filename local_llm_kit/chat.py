@@ -103,11 +103,6 @@ def _run(engine: Engine, prepared: PreparedChat, index: int, ticket: Ticket,
                         constraint=prepared.output.constraint(), cancel=cancel, pass_costs=engine.pass_costs)
 
 
-def _remember(engine: Engine, prepared: PreparedChat, content: str, token_ids: list[int]) -> None:
-    if prepared.reply_place is not None:
-        engine.remember_generation(prepared.reply_place, content, token_ids)
-
-
 def _new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
@@ -134,7 +129,7 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
                     raise GenerationCancelledError("generation was cancelled")
                 message, reason = prepared.output.finalize("".join(texts), finished.reason)
                 if message.content is not None and not message.tool_calls and not message.function_call:
-                    _remember(engine, prepared, message.content, finished.token_ids)
+                    engine.remember_generation(prepared.reply_place, message.content, finished.token_ids)
                 completion_tokens += finished.completion_tokens
                 choices.append(Choice(index=index, message=message, finish_reason=reason,
                                       logprobs=ChoiceLogprobs(content=logprobs) if prepared.request.logprobs
@@ -204,7 +199,7 @@ def stream(engine: Engine, prepared: PreparedChat,
                     completion_tokens += event.completion_tokens
                     message, _ = prepared.output.finalize("".join(texts), event.reason)
                     if message.content is not None and not message.tool_calls and not message.function_call:
-                        _remember(engine, prepared, message.content, event.token_ids)
+                        engine.remember_generation(prepared.reply_place, message.content, event.token_ids)
                     deltas, reason = shaper.finish(event.reason)
                     for delta in deltas:
                         yield chunk(index, delta)

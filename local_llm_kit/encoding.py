@@ -339,21 +339,16 @@ class PromptEncoder:
                         found[i] = ids
         return found
 
-    def remember_generation(self, after: Sequence[Mapping[str, Any]] | ReplyPlace, content: str,
-                            token_ids: Sequence[int], *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """Record that ``content`` was generated as ``token_ids`` in reply to a conversation: a
-        later prompt that has this reply after that conversation feeds those ids again (see
-        :meth:`encode`). ``after`` is the conversation's place from :meth:`encode_prompt`, or its
-        messages as they were encoded, with their ``tools``."""
+    def remember_generation(self, place: ReplyPlace | None, content: str, token_ids: Sequence[int]) -> None:
+        """Record that ``content`` was generated as ``token_ids`` at ``place`` (from
+        :meth:`encode_prompt`): a later prompt that has this reply after that conversation feeds
+        those ids again (see :meth:`encode`). Nothing is recorded without a place."""
+        if place is None:  # a message that did not serialize: nothing to key the reply by
+            return
         ids = [t for t in token_ids if t not in self.backend.info.eos_token_ids]
         if not content or b"".join(self.backend.token_bytes(t) for t in ids) != content.encode():
             return  # a stop string or a constraint changed the text: nothing to splice
-        if not isinstance(after, _Key):
-            conversation = _Conversation.of(after, tools)
-            if conversation is None:  # a message that does not serialize: nothing to key the reply by
-                return
-            after = conversation.key()
-        _remember(self._generated, self._generated_lock, (after, content), ids, _REMEMBERED_GENERATIONS)
+        _remember(self._generated, self._generated_lock, (place, content), ids, _REMEMBERED_GENERATIONS)
 
     def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None,
                           generated: Mapping[int, list[int]], text: str, tools: Sequence[Mapping[str, Any]] | None,

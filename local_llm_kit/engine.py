@@ -76,12 +76,10 @@ class Engine:
         """The prompt's ids and where a reply to it stands (see :meth:`PromptEncoder.encode_prompt`)."""
         return self.encoder.encode_prompt(messages, tools=tools)
 
-    def remember_generation(self, after: Sequence[Mapping[str, Any]] | ReplyPlace, content: str,
-                            token_ids: Sequence[int], *, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """Record that ``content`` was generated as ``token_ids`` in reply to a conversation (its
-        place, or its messages as encoded, with ``tools``): later prompts with this reply after
-        that conversation feed those ids again."""
-        self.encoder.remember_generation(after, content, token_ids, tools=tools)
+    def remember_generation(self, place: ReplyPlace | None, content: str, token_ids: Sequence[int]) -> None:
+        """Record that ``content`` was generated as ``token_ids`` at ``place`` (from
+        :meth:`encode_prompt`): later prompts with this reply after that conversation feed those ids again."""
+        self.encoder.remember_generation(place, content, token_ids)
 
     @property
     def closed(self) -> bool:

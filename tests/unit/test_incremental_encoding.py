@@ -303,9 +303,9 @@ def test_a_generated_reply_keeps_its_ids_only_where_it_was_generated() -> None:
     asked = [[{"role": "user", "content": f"Question {i}"}] for i in range(3)]
     conversations = [[*a, {"role": "assistant", "content": "{}"}, {"role": "user", "content": "And?"}] for a in asked]
     for question, conversation, generated in zip(asked, conversations, (split, merged), strict=False):
-        engine.remember_generation(question, "{}", generated)
+        engine.remember_generation(engine.encode_prompt(question)[1], "{}", generated)
         engine.encode(conversation[:2], add_generation_prompt=False)  # memoizes its prefix
-    engine.remember_generation(asked[0], "{}", split)  # the last reply generated: "{}" split
+    engine.remember_generation(engine.encode_prompt(asked[0])[1], "{}", split)  # the last reply generated: "{}" split
     for conversation, reply_ids in zip(conversations, (split, merged, merged), strict=True):  # the third: typed
         before = engine.backend.tokenize(engine.render(conversation[:1]))
         for ids in (engine.encode(conversation), whole_encode(engine, conversation)):

@@ -241,7 +241,7 @@ def test_a_short_reply_that_also_occurs_in_an_earlier_message_is_spliced_where_t
     # Pretend the model had produced "Paris" as one (non-canonical) token sequence: the splice must
     # put those ids in the assistant span, not over the "Paris" of the user's question.
     odd_ids = [*b"Par", *b"is"]
-    engine.remember_generation(first, "Paris", odd_ids)
+    engine.remember_generation(engine.encode_prompt(first)[1], "Paris", odd_ids)
     conversation = [*first, {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "Sure?"}]
     ids = engine.encode(conversation)
     canonical = backend.tokenize(engine.render(conversation))
@@ -259,6 +259,6 @@ def test_splicing_is_refused_when_the_template_rewrites_the_reply(monkeypatch: p
     backend = FakeBackend("ok", chat_template=template)
     client = fake_client(backend=backend)
     engine = client.engine
-    engine.remember_generation([{"role": "user", "content": "hi"}], "ok", list(b"ok"))
+    engine.remember_generation(engine.encode_prompt([{"role": "user", "content": "hi"}])[1], "ok", list(b"ok"))
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     assert engine.encode(conversation) == backend.tokenize(engine.render(conversation))
