@@ -35,7 +35,7 @@ from local_llm_kit.errors import (
     InvalidRequestError,
     TokenLimitError,
 )
-from local_llm_kit.memory import ConversationMemory
+from local_llm_kit.memory import ConversationMemory, split_turns
 from local_llm_kit.models import ResolvedModel, resolve_model
 from local_llm_kit.params import CompletionCreateParams, MessageParam, RequestOptions
 from local_llm_kit.request import ChatRequest, normalize_messages, validate_request
@@ -414,14 +414,20 @@ class _Completions:
         # The remembered history goes first, trimmed further (oldest turns first) when the
         # whole prompt would not fit the context; a new system message replaces the old one.
         new = list(request.messages)
-        system, turns = memory.turns()
-        if any(m["role"] == "system" for m in new):
-            system = []
+        remembered = memory.snapshot()
+        replaces_system = any(m["role"] == "system" for m in new)
+        if replaces_system:
             new = [m for m in new if m["role"] == "system"] + [m for m in new if m["role"] != "system"]
+        # A warm turn that fits sends the history as it is; it is split into turns (a walk in
+        # Python) only when the system message is replaced or some turns must be left out.
+        system, turns = split_turns(remembered) if replaces_system else ([], [])
+        if replaces_system:
+            system = []
             turns = [[m for m in turn if m["role"] != "system"] for turn in turns]
 
         def attempt(drop: int) -> chat_path.PreparedChat | TokenLimitError:
-            history = system + [m for turn in turns[drop:] for m in turn]
+            whole = drop == 0 and not replaces_system
+            history = remembered if whole else system + [m for turn in turns[drop:] for m in turn]
             try:
                 return chat_path.prepare(engine, replace(request, messages=tuple(history + new)), self._client.model)
             except TokenLimitError as exc:
@@ -431,6 +437,8 @@ class _Completions:
         # out by bisection, as each try renders and tokenizes a prompt that starts anew.
         fits = attempt(0)
         if isinstance(fits, TokenLimitError):
+            if not replaces_system:
+                system, turns = split_turns(remembered)
             shortest = attempt(len(turns)) if turns else fits
             if isinstance(shortest, TokenLimitError):
                 raise shortest

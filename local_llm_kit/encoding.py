@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from local_llm_kit.backends import Backend
 from local_llm_kit.errors import TemplateError
@@ -55,11 +56,14 @@ _RENDER_LOOKBACK = 8
 _RENDER_CHECKS = 8
 # Parts of conversations rendered for incremental rendering (the opening and a few messages).
 _PART_MEMO = 32
+# How many messages back from the last known one a memoized part may start (see _part_start).
+_PART_LOOKBACK = 6
 # Encoded prefixes of recent conversations, and how many encodings built on one are checked.
 _PREFIX_MEMO = 64
 _PREFIX_CHECKS = 8
 
 V = TypeVar("V")
+_items = operator.methodcaller("items")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class PromptEncoder:
         self.model_name = model_name
         # Keyed by where the reply stands (the conversation before it, with its tools) and its
         # text: the same text generated as other ids in another conversation is another entry.
-        self._generated: OrderedDict[tuple[_Key, str], list[int]] = OrderedDict()
+        self._generated: OrderedDict[tuple[_Key, str], _Reply] = OrderedDict()
         self._generated_lock = threading.Lock()
         self._segments: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._segments_lock = threading.Lock()
@@ -140,7 +144,7 @@ class PromptEncoder:
         if found is None:
             return None
         known, known_text = found
-        first = max(opening, known - 1)
+        first = self._part_start(conversation, opening, known, tools)
         head = self._render_part(messages, conversation, opening, first, known, tools)
         tail_open = self._render_part(messages, conversation, opening, first, len(messages), tools)
         tail = tail_open if not add_generation_prompt else \
@@ -165,6 +169,18 @@ class PromptEncoder:
 
     def _remember_render(self, key: _Key, text: str) -> None:
         _remember(self._renders, self._renders_lock, key, text, _RENDER_MEMO)
+
+    def _part_start(self, conversation: _Conversation, opening: int, known: int,
+                    tools: Sequence[Mapping[str, Any]] | None) -> int:
+        """Where the part rendered before the new messages starts: at the last known message, or a
+        few messages earlier where that part was rendered already (the previous request's last
+        part is usually this one's head: the prompt's, for the count after its reply)."""
+        frozen = conversation.frozen
+        with self._renders_lock:
+            for first in range(known - 1, max(opening, known - _PART_LOOKBACK) - 1, -1):
+                if (conversation.tools, False, frozen[:opening] + frozen[first:known]) in self._parts:
+                    return first
+        return max(opening, known - 1)
 
     def _render_part(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation, opening: int,
                      start: int, end: int, tools: Sequence[Mapping[str, Any]] | None,
@@ -260,7 +276,7 @@ class PromptEncoder:
         ids, cut = built
         if conversation is not None and cut is not None and self.prefix_reuse:
             _remember(self._prefixes, self._prefixes_lock, conversation.key(), cut, _PREFIX_MEMO)
-        return ids, (conversation.key() if conversation is not None else None)
+        return ids, (ReplyPlace(conversation.key(), text) if conversation is not None else None)
 
     def _encode_whole(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None, text: str,
                       tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
@@ -300,7 +316,7 @@ class PromptEncoder:
                 ids.extend(segment_ids)
                 position += len(segment)
             if index is not None:
-                ids.extend(later[index])
+                ids.extend(later[index].ids)
                 position += len(messages[index]["content"])
         return ids, (_last_cut(text, base, cuts, ids, self._boundaries) if base is not None else None)
 
@@ -317,8 +333,8 @@ class PromptEncoder:
         return built if built[0] == whole[0] else whole
 
     def _generated_replies(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None,
-                           start: int) -> dict[int, list[int]]:
-        """The ids of the replies from ``messages[start]`` on that this engine generated, by index.
+                           start: int) -> dict[int, _Reply]:
+        """The replies from ``messages[start]`` on that this engine generated, by index.
 
         A reply counts as generated where it stands after the very conversation it was generated
         for: the same text elsewhere (typed by a user, or generated as other ids in another
@@ -327,16 +343,16 @@ class PromptEncoder:
         """
         if conversation is None:
             return {}
-        found: dict[int, list[int]] = {}
+        found: dict[int, _Reply] = {}
         with self._generated_lock:
             if not self._generated:
                 return found
             for i in range(start, len(messages)):
                 message = messages[i]
                 if message.get("role") == "assistant" and isinstance(content := message.get("content"), str):
-                    ids = self._generated.get((conversation.key(i), content))
-                    if ids is not None:
-                        found[i] = ids
+                    reply = self._generated.get((conversation.key(i), content))
+                    if reply is not None:
+                        found[i] = reply
         return found
 
     def remember_generation(self, place: ReplyPlace | None, content: str, token_ids: Sequence[int]) -> None:
@@ -348,18 +364,24 @@ class PromptEncoder:
         ids = [t for t in token_ids if t not in self.backend.info.eos_token_ids]
         if not content or b"".join(self.backend.token_bytes(t) for t in ids) != content.encode():
             return  # a stop string or a constraint changed the text: nothing to splice
-        _remember(self._generated, self._generated_lock, (place, content), ids, _REMEMBERED_GENERATIONS)
+        _remember(self._generated, self._generated_lock, (place.key, content), _Reply(ids, place.text),
+                  _REMEMBERED_GENERATIONS)
 
     def _split_at_replies(self, messages: Sequence[Mapping[str, Any]], conversation: _Conversation | None,
-                          generated: Mapping[int, list[int]], text: str, tools: Sequence[Mapping[str, Any]] | None,
+                          generated: Mapping[int, _Reply], text: str, tools: Sequence[Mapping[str, Any]] | None,
                           add_generation_prompt: bool) -> list[str] | None:
         """The rendered text around the generated replies, found by where the template puts them.
 
-        Each reply is rendered as a unique marker instead; the text between markers is what
-        surrounds the replies. Searching for the reply's text instead would find a short reply
-        ("Paris") inside an earlier message. ``None`` when the template treats the markers
-        differently from the replies (it inspects or rewrites content): then nothing is spliced.
+        Where each reply follows the very prompt it was generated after, that is where it
+        stands (:func:`_anchored_pieces`): no rendering is needed. Otherwise each reply is
+        rendered as a unique marker instead, and the text between markers is what surrounds the
+        replies. Searching for the reply's text instead would find a short reply ("Paris")
+        inside an earlier message. ``None`` when the template treats the markers differently
+        from the replies (it inspects or rewrites content): then nothing is spliced.
         """
+        anchored = _anchored_pieces(text, messages, generated)
+        if anchored is not None:
+            return anchored
         markers = {i: f"\x1e\x1fllk-reply-{i}-{self._marker_salt}\x1f\x1e" for i in generated}
         marked = [dict(m, content=markers[i]) if i in markers else m for i, m in enumerate(messages)]
         # Its snapshot shares the conversation's up to the first reply (no need to freeze it again).
@@ -477,8 +499,43 @@ class _Key:
         return self.frozen is other.frozen or self.frozen[:self.size] == other.frozen[:other.size]
 
 
-ReplyPlace = _Key
-"""Where a reply stands: the conversation before it, as encoded (opaque; see :meth:`PromptEncoder.encode_prompt`)."""
+@dataclass(frozen=True, eq=False)
+class ReplyPlace:
+    """Where a reply stands (opaque; see :meth:`PromptEncoder.encode_prompt`): the conversation
+    before it as it was encoded, and the text of that prompt, which the reply directly follows."""
+
+    key: _Key
+    text: str
+
+
+class _Reply(NamedTuple):
+    """A generated reply: its ids, and the text of the prompt it was generated after."""
+
+    ids: list[int]
+    anchor: str
+
+
+def _anchored_pieces(text: str, messages: Sequence[Mapping[str, Any]],
+                     generated: Mapping[int, _Reply]) -> list[str] | None:
+    """The text around the generated replies where each follows its own prompt's text, else ``None``.
+
+    A reply generated after a prompt continues that prompt's text: where ``text`` starts with
+    the prompt's text followed by the reply's, the reply's ids are exactly what the model was
+    fed and produced there (and what its KV cache holds), whatever the template does elsewhere.
+    A template that rewrites earlier turns or the reply (stripping thoughts, say) fails this
+    test and is split by markers instead.
+    """
+    pieces: list[str] = []
+    position = 0
+    for index in sorted(generated):
+        anchor = generated[index].anchor
+        content = messages[index]["content"]
+        if len(anchor) < position or not text.startswith(anchor) or not text.startswith(content, len(anchor)):
+            return None
+        pieces.append(text[position:len(anchor)])
+        position = len(anchor) + len(content)
+    pieces.append(text[position:])
+    return pieces
 
 
 class _Conversation:
@@ -507,7 +564,7 @@ class _Conversation:
         # as JSON text instead, and so is every message of that call (each the same way as alone).
         rest = messages[start:]
         try:
-            items = [tuple(message.items()) for message in rest]
+            items = list(map(tuple, map(_items, rest)))
             try:
                 item_hashes = list(map(hash, items))
             except TypeError:

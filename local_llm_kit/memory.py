@@ -87,6 +87,11 @@ class ConversationMemory:
         with self._lock:
             self._messages.clear()
 
+    def snapshot(self) -> Messages:
+        """The remembered messages themselves, in a new list (not copies: callers must not change them)."""
+        with self._lock:
+            return list(self._messages)
+
     def turns(self) -> tuple[Messages, list[Messages]]:
         """The leading system messages and the remembered turns (see :func:`split_turns`)."""
         with self._lock:
@@ -102,11 +107,15 @@ class ConversationMemory:
             yield system + [m for turn in turns[drop:] for m in turn]
 
     def _trim_to_budget(self) -> int:
+        if not self._messages or self._count(self._messages) <= self.max_tokens:
+            return 0  # the common case: counted once, no need to split the history into turns
         system, turns = split_turns(self._messages)
         dropped = 0
-        while turns and self._count(self._messages) > self.max_tokens:
+        while turns:
             dropped += len(turns.pop(0))
             self._messages = system + [m for turn in turns for m in turn]
+            if self._count(self._messages) <= self.max_tokens:
+                break
         if dropped:
             self.trimmed_total += dropped
             logger.info("memory: trimmed %d oldest messages to stay within %d tokens", dropped, self.max_tokens)

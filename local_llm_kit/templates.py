@@ -89,6 +89,9 @@ class ChatTemplate:
         self.eos_token = eos_token
         self.is_fallback = is_fallback
         self._template = _compile(source)
+        # Template.render merges the template's globals (a ChainMap, walked in Python) into every
+        # context; a request renders twice, so they are merged once here instead.
+        self._globals = dict(self._template.globals)
 
     @classmethod
     def for_model(cls, template: str | None, architecture: str, *, bos_token: str = "",
@@ -111,15 +114,21 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                tools: Sequence[Mapping[str, Any]] | None = None, **extra: Any) -> str:
+        template = self._template
+        context = template.new_context({
+            **self._globals,
+            "messages": list(messages),
+            "tools": list(tools) if tools else None,
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            **extra,
+        }, shared=True)
         try:
-            return self._template.render(
-                messages=list(messages),
-                tools=list(tools) if tools else None,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                **extra,
-            )
+            try:  # what Template.render does, with the globals merged already
+                return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
+            except Exception:
+                template.environment.handle_exception()
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:

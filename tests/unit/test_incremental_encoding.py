@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from local_llm_kit import LLMClient
+from local_llm_kit import LLMClient, encoding
 from local_llm_kit.engine import Engine
 from local_llm_kit.testing import FakeBackend, fake_client
 
@@ -175,7 +175,23 @@ def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
     assert engine.encoder._render_checks == 0 and engine.encoder.incremental_render
     rendered = count_renders(engine)
     client.chat.completions.create(messages=[{"role": "user", "content": "One more."}])
-    assert rendered and max(rendered) <= 5 < len(client.memory)
+    # The opening, a few known messages and the new ones; and one part each for the prompt
+    # and for the memory's count after the reply (each starts where the one before ended, and
+    # the reply is found after its own prompt's text, with no marked rendering).
+    assert rendered and max(rendered) <= 2 + encoding._PART_LOOKBACK + 2 < len(client.memory)
+    assert len(rendered) <= 3
+
+
+def test_parts_start_again_from_the_last_known_message_once_they_grow_past_the_lookback() -> None:
+    client = fake_client("A reply.")
+    engine = client.engine
+    chat(client, 4)
+    rendered = count_renders(engine)
+    turns = 2 * encoding._PART_LOOKBACK
+    chat(client, turns)
+    assert max(rendered) <= 2 + encoding._PART_LOOKBACK + 2
+    # Two parts a turn (the prompt's, the count's), and a head again each time parts grew too long.
+    assert 2 * turns < len(rendered) < 3 * turns
 
 
 # -- encoded prefixes ---------------------------------------------------------------------------------
@@ -341,11 +357,82 @@ def test_a_generation_prompt_that_depends_on_the_turn_is_rendered_every_time(cap
 
 def test_a_warm_turn_renders_each_part_once() -> None:
     # The prompt renders its new part once (the generation prompt is known); the memory's count
-    # after the reply and the reply-marked conversation it splits share the part before the reply.
+    # after the reply starts from that part, renders one more, and finds the reply after its own
+    # prompt's text, without rendering a reply-marked conversation.
     client = fake_client("A reply.")
     engine = client.engine
     chat(client, 12)
     assert engine.encoder._render_checks == 0 and engine.encoder._generation_prompt_checks <= 0
-    rendered = count_renders(engine)
+    rendered: list[list[Any]] = []
+    inner = engine.template.render
+
+    def recording(messages: Sequence[Any], **kwargs: Any) -> str:
+        rendered.append(list(messages))
+        return inner(messages, **kwargs)
+
+    engine.template.render = recording  # type: ignore[method-assign]
     client.chat.completions.create(messages=[{"role": "user", "content": "One more, never seen."}])
-    assert len(rendered) == 4, rendered  # the prompt: head and tail; the count: its tail, the marked tail
+    assert 2 <= len(rendered) <= 3, [len(r) for r in rendered]  # a head again where parts grew too long
+    assert not any("llk-reply" in str(m.get("content")) for messages in rendered for m in messages)
+    prompt_part, count_part = rendered[-2:]
+    assert count_part[:-1] == prompt_part and count_part[-1] == {"role": "assistant", "content": "A reply."}
+
+
+# -- replies found after their own prompts -------------------------------------------------------------
+
+def marker_encode(engine: Engine, messages: Sequence[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """What a whole encode gives when replies are found by rendering markers only."""
+    with monkeypatch.context() as patched:
+        patched.setattr(encoding, "_anchored_pieces", lambda *args: None)
+        return whole_encode(engine, messages)
+
+
+def test_a_reply_found_after_its_prompt_is_spliced_where_markers_put_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Replies whose text also occurs elsewhere (in questions, in other replies): found after
+    # the prompt each was generated for, they get the same ids, at the same places, as the
+    # marker search gives, and those are the ids the model generated.
+    replies = ["{}", "Paris", "{} and Paris", "{}", "Paris {}"]
+    client = fake_client(backend=MergesBraces(lambda prompt: replies[prompt.count("Say") % len(replies)]))
+    engine = client.engine
+    client.enable_memory(max_tokens=100_000)
+    prompts = []
+    for i in range(12):
+        new = {"role": "user", "content": f"Say {{}} or Paris, {i}"}
+        prompts.append([*client.memory, new])
+        client.chat.completions.create(messages=[new])
+    anchored_splits = 0
+    real = encoding._anchored_pieces
+
+    def counting(*args: Any) -> list[str] | None:
+        nonlocal anchored_splits
+        pieces = real(*args)
+        anchored_splits += pieces is not None
+        return pieces
+
+    monkeypatch.setattr(encoding, "_anchored_pieces", counting)
+    for messages in prompts[1:]:
+        by_anchor = whole_encode(engine, messages)
+        assert by_anchor == engine.encode(messages) == marker_encode(engine, messages, monkeypatch)
+    assert anchored_splits >= len(prompts) - 1
+
+
+REWRITES_EARLIER_REPLIES = (  # earlier replies lose their thoughts; the last one is kept whole
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' and not loop.last %}{{ message['content'].split('</think>')[-1] }}"
+    "{% else %}{{ message['content'] }}{% endif %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_replies_is_split_by_markers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rewritten reply does not follow its prompt's text: it is found by its marker, where the
+    # template keeps it whole, and tokenized where the template rewrote it; every way agrees.
+    client = fake_client(backend=FakeBackend("<think>hm</think>Yes.", chat_template=REWRITES_EARLIER_REPLIES))
+    engine = client.engine
+    client.enable_memory(max_tokens=100_000)
+    for i in range(4):
+        client.chat.completions.create(messages=[{"role": "user", "content": f"Question {i}"}])
+    messages = client.memory
+    assert engine.render(messages).count("<think>hm</think>") == 1  # the last reply only
+    assert engine.encode(messages) == whole_encode(engine, messages) == marker_encode(engine, messages, monkeypatch)
+    assert engine.encoder.prefix_reuse and engine.encoder.incremental_render
