@@ -4,9 +4,10 @@ A warm turn differs from the previous prompt of its conversation by a few messag
 make the cost of encoding it follow those messages, not the history:
 
 - renderings (:meth:`PromptEncoder.render`): the text of recent conversations, so that only the
-  new messages go through the template (with the opening and the last known message, which
-  templates look at); the parts rendered so are kept too, as is the generation prompt each
-  opening and last role gets, so that a part is rendered once per request, not three times;
+  new messages go through the template (with the opening and the last known messages, which
+  templates look at); the parts rendered so are kept too, and the next part starts where a kept
+  one does, as is the generation prompt each opening and last role gets, so that a warm turn
+  renders one part for its prompt and one for the memory's count after its reply;
 - segments (:meth:`PromptEncoder._tokenize`): the ids of each piece of text between end-of-turn
   tokens, so that a turn is tokenized once;
 - encoded prefixes (:meth:`PromptEncoder.encode`): the ids of recent conversations up to their
@@ -20,7 +21,9 @@ generated keep the ids they were generated as: re-tokenizing their text can give
 which would change what the model sees and defeat KV-cache reuse. A reply is known by the
 conversation it answered as well as by its text, so a text generated as other ids elsewhere, or
 typed by a user, never lends its ids to this conversation: a conversation encodes to the same ids
-whichever others the engine served in between.
+whichever others the engine served in between. Where the conversation's text continues the very
+prompt a reply was generated after with that reply, the reply stands there; a template that
+rewrites earlier turns is searched with markers instead (see :meth:`PromptEncoder._split_at_replies`).
 """
 
 from __future__ import annotations
