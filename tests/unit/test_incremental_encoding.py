@@ -155,16 +155,16 @@ def test_a_template_that_numbers_messages_is_rendered_whole(caplog: pytest.LogCa
         assert engine.render(messages) == engine.template.render(messages)
 
 
-def count_renders(engine: Engine) -> list[int]:
-    """From now on, the size of every conversation (or part) the template renders, in order."""
-    rendered: list[int] = []
+def record_renders(engine: Engine) -> list[list[Any]]:
+    """From now on, every conversation (or part) the template renders, in order."""
+    rendered: list[list[Any]] = []
     inner = engine.template.render
 
-    def counting(messages: Sequence[Any], **kwargs: Any) -> str:
-        rendered.append(len(messages))
+    def recording(messages: Sequence[Any], **kwargs: Any) -> str:
+        rendered.append(list(messages))
         return inner(messages, **kwargs)
 
-    engine.template.render = counting  # type: ignore[method-assign]
+    engine.template.render = recording  # type: ignore[method-assign]
     return rendered
 
 
@@ -173,8 +173,9 @@ def test_a_warm_turn_renders_only_the_opening_and_the_new_messages() -> None:
     engine = client.engine
     chat(client, 12)  # past the checks against whole renderings
     assert engine.encoder._render_checks == 0 and engine.encoder.incremental_render
-    rendered = count_renders(engine)
+    recorded = record_renders(engine)
     client.chat.completions.create(messages=[{"role": "user", "content": "One more."}])
+    rendered = [len(messages) for messages in recorded]
     # The opening, a few known messages and the new ones; and one part each for the prompt
     # and for the memory's count after the reply (each starts where the one before ended, and
     # the reply is found after its own prompt's text, with no marked rendering).
@@ -186,9 +187,10 @@ def test_parts_start_again_from_the_last_known_message_once_they_grow_past_the_l
     client = fake_client("A reply.")
     engine = client.engine
     chat(client, 4)
-    rendered = count_renders(engine)
+    recorded = record_renders(engine)
     turns = 2 * encoding._PART_LOOKBACK
     chat(client, turns)
+    rendered = [len(messages) for messages in recorded]
     assert max(rendered) <= 2 + encoding._PART_LOOKBACK + 2
     # Two parts a turn (the prompt's, the count's), and a head again each time parts grew too long.
     assert 2 * turns < len(rendered) < 3 * turns
@@ -363,14 +365,7 @@ def test_a_warm_turn_renders_each_part_once() -> None:
     engine = client.engine
     chat(client, 12)
     assert engine.encoder._render_checks == 0 and engine.encoder._generation_prompt_checks <= 0
-    rendered: list[list[Any]] = []
-    inner = engine.template.render
-
-    def recording(messages: Sequence[Any], **kwargs: Any) -> str:
-        rendered.append(list(messages))
-        return inner(messages, **kwargs)
-
-    engine.template.render = recording  # type: ignore[method-assign]
+    rendered = record_renders(engine)
     client.chat.completions.create(messages=[{"role": "user", "content": "One more, never seen."}])
     assert 2 <= len(rendered) <= 3, [len(r) for r in rendered]  # a head again where parts grew too long
     assert not any("llk-reply" in str(m.get("content")) for messages in rendered for m in messages)
