@@ -418,16 +418,16 @@ class _Completions:
         replaces_system = any(m["role"] == "system" for m in new)
         if replaces_system:
             new = [m for m in new if m["role"] == "system"] + [m for m in new if m["role"] != "system"]
-        # A warm turn that fits sends the history as it is; it is split into turns (a walk in
-        # Python) only when the system message is replaced or some turns must be left out.
-        system, turns = split_turns(remembered) if replaces_system else ([], [])
-        if replaces_system:
-            system = []
-            turns = [[m for m in turn if m["role"] != "system"] for turn in turns]
 
-        def attempt(drop: int) -> chat_path.PreparedChat | TokenLimitError:
-            whole = drop == 0 and not replaces_system
-            history = remembered if whole else system + [m for turn in turns[drop:] for m in turn]
+        def split() -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+            """The history's system messages and turns as this request sends them (a walk in
+            Python: a warm turn that fits sends the remembered list as it is)."""
+            system, turns = split_turns(remembered)
+            if replaces_system:
+                return [], [[m for m in turn if m["role"] != "system"] for turn in turns]
+            return system, turns
+
+        def attempt(history: list[dict[str, Any]]) -> chat_path.PreparedChat | TokenLimitError:
             try:
                 return chat_path.prepare(engine, replace(request, messages=tuple(history + new)), self._client.model)
             except TokenLimitError as exc:
@@ -435,17 +435,20 @@ class _Completions:
 
         # Whole history first (the common case); past the context, the fewest turns to leave
         # out by bisection, as each try renders and tokenizes a prompt that starts anew.
-        fits = attempt(0)
+        fits = attempt([m for turn in split()[1] for m in turn] if replaces_system else remembered)
         if isinstance(fits, TokenLimitError):
-            if not replaces_system:
-                system, turns = split_turns(remembered)
-            shortest = attempt(len(turns)) if turns else fits
+            system, turns = split()
+
+            def without(drop: int) -> list[dict[str, Any]]:
+                return system + [m for turn in turns[drop:] for m in turn]
+
+            shortest = attempt(without(len(turns))) if turns else fits
             if isinstance(shortest, TokenLimitError):
                 raise shortest
             low, high, fits = 0, len(turns), shortest  # attempt(low) fails, attempt(high) fits
             while high - low > 1:
                 middle = (low + high) // 2
-                tried = attempt(middle)
+                tried = attempt(without(middle))
                 if isinstance(tried, TokenLimitError):
                     low = middle
                 else:

@@ -147,7 +147,7 @@ class PromptEncoder:
         if found is None:
             return None
         known, known_text = found
-        first = self._part_start(conversation, opening, known, tools)
+        first = self._part_start(conversation, opening, known)
         head = self._render_part(messages, conversation, opening, first, known, tools)
         tail_open = self._render_part(messages, conversation, opening, first, len(messages), tools)
         tail = tail_open if not add_generation_prompt else \
@@ -173,15 +173,13 @@ class PromptEncoder:
     def _remember_render(self, key: _Key, text: str) -> None:
         _remember(self._renders, self._renders_lock, key, text, _RENDER_MEMO)
 
-    def _part_start(self, conversation: _Conversation, opening: int, known: int,
-                    tools: Sequence[Mapping[str, Any]] | None) -> int:
+    def _part_start(self, conversation: _Conversation, opening: int, known: int) -> int:
         """Where the part rendered before the new messages starts: at the last known message, or a
         few messages earlier where that part was rendered already (the previous request's last
         part is usually this one's head: the prompt's, for the count after its reply)."""
-        frozen = conversation.frozen
         with self._renders_lock:
             for first in range(known - 1, max(opening, known - _PART_LOOKBACK) - 1, -1):
-                if (conversation.tools, False, frozen[:opening] + frozen[first:known]) in self._parts:
+                if _part_key(conversation, opening, first, known, False) in self._parts:
                     return first
         return max(opening, known - 1)
 
@@ -194,8 +192,7 @@ class PromptEncoder:
         count after a reply renders the same opening and new message as the reply-marked
         conversation it splits next, and both as the prompt rendered them.
         """
-        frozen = conversation.frozen
-        key = (conversation.tools, add_generation_prompt, frozen[:opening] + frozen[start:end])
+        key = _part_key(conversation, opening, start, end, add_generation_prompt)
         with self._renders_lock:
             text = self._parts.get(key)
             if text is not None:
@@ -598,6 +595,13 @@ def _freeze(message: Mapping[str, Any]) -> tuple[Any, int]:
     except TypeError:  # lists and dicts (tool calls)
         text = json.dumps(message, sort_keys=True)
         return text, hash(text)
+
+
+def _part_key(conversation: _Conversation, opening: int, start: int, end: int,
+              add_generation_prompt: bool) -> tuple[Any, ...]:
+    """The memo key of the part made of the opening and ``messages[start:end]`` (see ``_render_part``)."""
+    frozen = conversation.frozen
+    return conversation.tools, add_generation_prompt, frozen[:opening] + frozen[start:end]
 
 
 def _longest(memo: OrderedDict[_Key, V], lock: threading.Lock, conversation: _Conversation,
