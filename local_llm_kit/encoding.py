@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from local_llm_kit.backends import Backend
 from local_llm_kit.errors import TemplateError
+from local_llm_kit.sealed import SealedMessage, snapshot
 from local_llm_kit.templates import ChatTemplate
 
 __all__ = ["PromptEncoder", "ReplyPlace"]
@@ -66,15 +67,17 @@ _PREFIX_MEMO = 64
 _PREFIX_CHECKS = 8
 
 V = TypeVar("V")
-_items = operator.methodcaller("items")
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Prefix:
     """The ids of ``text``, the start of a rendered conversation cut where tokenization is split."""
 
     text: str
-    ids: tuple[int, ...]
+    ids: list[int]
+    """Never changed (a list, not a tuple: copied once a turn, and a tuple would take two copies)."""
 
 
 class PromptEncoder:
@@ -559,21 +562,16 @@ class _Conversation:
 
     def extended(self, messages: Sequence[Mapping[str, Any]], start: int) -> _Conversation | None:
         """The snapshot of ``messages``, whose first ``start`` are this conversation's first ``start``."""
-        # Frozen and hashed in C-level loops where the messages allow: a long history is walked
-        # twice a request. Lists and dicts (tool calls) make a message unhashable: it is frozen
-        # as JSON text instead, and so is every message of that call (each the same way as alone).
-        rest = messages[start:]
+        # A remembered history is sealed (local_llm_kit.sealed): its snapshots were taken once,
+        # and are the same objects from request to request, which also makes comparing keys cheap.
         try:
-            items = list(map(tuple, map(_items, rest)))
-            try:
-                item_hashes = list(map(hash, items))
-            except TypeError:
-                frozen_rest = [_freeze(message) for message in rest]
-                items = [item for item, _ in frozen_rest]
-                item_hashes = [item_hash for _, item_hash in frozen_rest]
+            snapshots = [m.snapshot if type(m) is SealedMessage else snapshot(m) for m in messages[start:]]
         except (TypeError, ValueError):
             return None
-        return _Conversation(self.tools, (*self.frozen[:start], *items), [*self.item_hashes[:start], *item_hashes])
+        frozen, item_hashes = tuple(map(_first, snapshots)), list(map(_second, snapshots))
+        if start:
+            frozen, item_hashes = self.frozen[:start] + frozen, self.item_hashes[:start] + item_hashes
+        return _Conversation(self.tools, frozen, item_hashes)
 
     def __len__(self) -> int:
         return len(self.frozen)
@@ -585,16 +583,6 @@ class _Conversation:
         if start_hash is None:  # a few starts are looked up per conversation: hashed when asked
             start_hash = self.starts[size] = hash((self.tools, tuple(self.item_hashes[:size])))
         return _Key(self.tools, self.frozen, size, start_hash)
-
-
-def _freeze(message: Mapping[str, Any]) -> tuple[Any, int]:
-    """An immutable snapshot of a message, to tell whether it was seen before, and its hash."""
-    items = tuple(message.items())
-    try:
-        return items, hash(items)  # str, numbers, None: the common message
-    except TypeError:  # lists and dicts (tool calls)
-        text = json.dumps(message, sort_keys=True)
-        return text, hash(text)
 
 
 def _part_key(conversation: _Conversation, opening: int, start: int, end: int,
@@ -642,7 +630,7 @@ def _last_cut(text: str, base: str, cuts: list[tuple[int, int]], ids: list[int],
         marker = next((m for m in boundaries if text.startswith(m, offset)), None)
         if marker is not None and offset + len(marker) > len(base):
             continue
-        return _Prefix(text[:offset], tuple(ids[:count]))
+        return _Prefix(text[:offset], ids[:count])
     return None
 
 

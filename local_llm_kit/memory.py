@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.sealed import SealedMessage
 
 __all__ = ["ConversationMemory", "split_turns"]
 
@@ -41,6 +42,12 @@ def split_turns(messages: Sequence[dict[str, Any]]) -> tuple[Messages, list[Mess
             turns.append([])
         turns[-1].append(message)
     return list(messages[:head]), turns
+
+
+def _sealed(messages: Sequence[dict[str, Any]]) -> Messages:
+    """Memory's own copies of ``messages``, sealed: nothing changes them, so their snapshots
+    are taken once (see :mod:`local_llm_kit.sealed`)."""
+    return [SealedMessage(m) for m in copy.deepcopy(list(messages))]
 
 
 class ConversationMemory:
@@ -75,7 +82,7 @@ class ConversationMemory:
         A system message among them replaces the remembered one and goes to the front.
         """
         with self._lock:
-            new = copy.deepcopy(list(messages))
+            new = _sealed(messages)
             new_system = [m for m in new if m["role"] == "system"]
             if new_system:
                 _, turns = split_turns(self._messages)
@@ -88,7 +95,7 @@ class ConversationMemory:
             self._messages.clear()
 
     def snapshot(self) -> Messages:
-        """The remembered messages themselves, in a new list (not copies: callers must not change them)."""
+        """The remembered messages themselves (sealed: see :mod:`local_llm_kit.sealed`), in a new list."""
         with self._lock:
             return list(self._messages)
 
@@ -144,5 +151,5 @@ class ConversationMemory:
 
     def replace(self, messages: Sequence[dict[str, Any]]) -> int:
         with self._lock:
-            self._messages = copy.deepcopy(list(messages))
+            self._messages = _sealed(messages)
             return self._trim_to_budget()

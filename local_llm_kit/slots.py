@@ -38,28 +38,31 @@ class _Ticket(Protocol):
     released: bool
 
 
-_CHUNK = 256
+# The first slice compared (see common_prefix_length), and how much each next one grows.
+_FIRST_CHUNK = 64
+_GROWTH = 8
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens ``a`` and ``b`` share.
 
-    Compared a chunk at a time as list slices (a C-level loop), since a warm turn compares
-    thousands of cached tokens with the prompt, for every slot, on the request path.
+    Compared as list slices (C-level loops), since a warm turn compares thousands of cached
+    tokens with the prompt, for every slot, on the request path. The slices grow from a short
+    first one: a slot holding another conversation differs within its first few dozen tokens
+    (after a shared system message) and costs no copy of the history, and the slot that holds
+    this one is compared in a few slices.
     """
     n = min(len(a), len(b))
     a_list, b_list = list(a) if not isinstance(a, list) else a, list(b) if not isinstance(b, list) else b
-    if a_list[:n] == b_list[:n]:
-        return n
-    start = 0
+    start, size = 0, _FIRST_CHUNK
     while start < n:
-        end = min(n, start + _CHUNK)
+        end = min(n, start + size)
         if a_list[start:end] != b_list[start:end]:
             i = start
             while a_list[i] == b_list[i]:
                 i += 1
             return i
-        start = end
+        start, size = end, size * _GROWTH
     return n
 
 

@@ -25,6 +25,7 @@ write far better values when they know a JSON reply is expected.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -216,9 +217,17 @@ class _Shaper:
         return deltas, self._output._reason(reason, called)
 
 
+_CALL_KEYS = frozenset({"tool_calls", "function_call"})
+_RESULT_ROLES = frozenset({"tool", "function"})
+_role = operator.itemgetter("role")
+
+
 def _has_tool_history(messages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(m.get("tool_calls") or m.get("function_call") or m["role"] in ("tool", "function")
-               for m in messages)
+    # Asked twice a request of the whole history: answered in C-level walks for the common
+    # history without calls, and message by message only where a call key is present.
+    if _RESULT_ROLES.isdisjoint(map(_role, messages)) and all(map(_CALL_KEYS.isdisjoint, messages)):
+        return False
+    return any(m.get("tool_calls") or m.get("function_call") or m["role"] in _RESULT_ROLES for m in messages)
 
 
 # -- selection -----------------------------------------------------------------------------

@@ -11,10 +11,21 @@ from local_llm_kit import InvalidRequestError, LLMClient
 from local_llm_kit.backends.base import KV_BUDGET_BYTES, SlotView, default_kv_slots
 from local_llm_kit.config import resolve_settings
 from local_llm_kit.lease import BORROW_AFTER_S
-from local_llm_kit.slots import SlotTable, choose_slot
+from local_llm_kit.slots import SlotTable, choose_slot, common_prefix_length
 from local_llm_kit.testing import FakeBackend, fake_client
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def test_common_prefix_length_finds_the_first_difference_wherever_it_lies() -> None:
+    history = list(range(1000, 5000))  # spans the growing slices several times
+    for at in [0, 1, 63, 64, 65, 575, 576, 577, 3999]:
+        other = [*history[:at], -1, *history[at + 1:]]
+        assert common_prefix_length(history, other) == at
+        assert common_prefix_length(tuple(other), history) == at  # any sequences, either order
+    assert common_prefix_length(history, history[:2500]) == 2500 == common_prefix_length(history[:2500], history)
+    assert common_prefix_length(history, history) == 4000
+    assert common_prefix_length([], history) == 0 == common_prefix_length(history, [])
 
 
 def conversation(name: str, turns: int) -> list[dict[str, Any]]:

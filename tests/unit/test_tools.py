@@ -404,3 +404,23 @@ def test_parser_gives_the_same_events_whole_or_byte_by_byte(text: str) -> None:
     args = "".join(v for k, _, v in one if k == "args")
     if "get_weather" in text and "Text then" not in text:
         assert json.loads(args) == {"city": 'Pa"ris}{', "unit": "c"}
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([], False),
+    ([{"role": "assistant", "content": "no call", "tool_calls": None}], False),
+    ([{"role": "assistant", "content": "no call", "tool_calls": []}], False),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                             "function": {"name": "f", "arguments": "{}"}}]}], True),
+    ([{"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}], True),
+    ([{"role": "tool", "tool_call_id": "c", "content": "1"}], True),
+    ([{"role": "function", "name": "f", "content": "1"}], True),
+], ids=["plain", "tool_calls None", "tool_calls empty", "tool call", "function call", "tool result",
+        "function result"])
+def test_tool_history_is_told_apart_from_plain_history(extra: list[dict[str, Any]], expected: bool) -> None:
+    from local_llm_kit.structured import _has_tool_history
+
+    plain = [{"role": "system", "content": "s"}, {"role": "user", "content": "u", "name": "ada"},
+             {"role": "assistant", "content": "a"}]
+    assert _has_tool_history([*plain, *extra]) is expected
+    assert _has_tool_history([*extra, *plain]) is expected
