@@ -33,6 +33,10 @@ def snapshot(message: Mapping[str, Any]) -> Snapshot:
     """
     if type(message) is SealedMessage:
         return message.snapshot
+    return _take(message)
+
+
+def _take(message: Mapping[str, Any]) -> Snapshot:
     items = tuple(message.items())
     try:
         return items, hash(items)  # str, numbers, None: the common message
@@ -52,7 +56,7 @@ class SealedMessage(dict[str, Any]):
 
     def __init__(self, message: Mapping[str, Any]) -> None:
         super().__init__(message)
-        self.snapshot: Snapshot = snapshot(dict(self))
+        self.snapshot: Snapshot = _take(self)
 
     def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("a remembered message cannot be changed; change a copy (dict(message)) instead")
