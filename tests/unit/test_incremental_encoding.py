@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from local_llm_kit import LLMClient, encoding
+from local_llm_kit import LLMClient, encoding, sealed
 from local_llm_kit.engine import Engine
 from local_llm_kit.testing import FakeBackend, fake_client
 
@@ -228,6 +228,24 @@ def test_a_warm_turn_walks_the_same_segments_at_ten_and_forty_turns() -> None:
     assert len(client.memory) > 70
 
 
+def test_a_warm_turn_snapshots_its_new_messages_and_not_the_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = fake_client(backend=FakeBackend("A reply that joins the history.", n_ctx=32_768))
+    chat(client, 40)
+    taken: list[str] = []
+    take = sealed._take
+
+    def counting(message: Mapping[str, Any]) -> sealed.Snapshot:
+        taken.append(message["content"])
+        return take(message)
+
+    monkeypatch.setattr(sealed, "_take", counting)
+    client.chat.completions.create(messages=[{"role": "user", "content": "Question at forty."}])
+    assert len(client.memory) > 80
+    # the new message (in the prompt, then sealed into memory) and the reply (sealed): the
+    # history's snapshots were taken when it was remembered, and the count after the reply takes none
+    assert sorted(taken) == ["A reply that joins the history.", "Question at forty.", "Question at forty."]
+
+
 def test_prefixed_ids_equal_a_whole_encode_with_tools_and_a_reply_repeated_in_a_question() -> None:
     tool = {"type": "function", "function": {"name": "look_up", "description": "Look a word up.",
                                              "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
@@ -261,7 +279,7 @@ def test_a_prefix_that_disagrees_with_a_whole_encode_turns_prefixes_off(caplog: 
     messages = [*client.memory, {"role": "user", "content": "Next."}]
     expected = whole_encode(client.engine, messages)
     for key, prefix in list(encoder._prefixes.items()):  # as if a memoized prefix had gone stale
-        encoder._prefixes[key] = type(prefix)(prefix.text, (0, *prefix.ids[1:]))
+        encoder._prefixes[key] = type(prefix)(prefix.text, [0, *prefix.ids[1:]])
     assert encoder._prefix_checks > 0
     with caplog.at_level("WARNING"):
         assert client.engine.encode(messages) == expected
