@@ -10,7 +10,9 @@
    passes, i.e. validation, memory, rendering, tokenizing, slot choice, sampling and shaping.
    Each measured turn starts from the same history, whose size is the one reported.
    Incremental encoding (:mod:`local_llm_kit.encoding`: encoded prefixes and turn-by-turn
-   tokenization) against whole tokenization of every prompt, side by side on the same client.
+   tokenization) against whole tokenization of every prompt, side by side on the same client;
+   the three sizes and two modes take turns round after round. ``BENCH_RUNS=15`` for the
+   README's figures (medians of 15 rounds).
 """
 
 from __future__ import annotations
@@ -138,12 +140,16 @@ def request_path(model: str, backend: str, threads: int | None) -> dict[str, Any
         return warm_turn(client, clock, history, next(turns))
 
     client.enable_memory(max_tokens=8000)
+    # Every size and mode takes its turn round after round: flat in history length is a
+    # comparison across sizes, and this VM's speed drifts by tens of percent from hour to hour.
+    names = ("Ada", "Bob", "Cy")  # a conversation per size: none extends another
+    histories = {target: grow(client, name, target) for target, name in zip(PATH_TARGETS, names, strict=True)}
+    result = side_by_side({f"{target}/{mode}": functools.partial(turn, history, mode == "incremental")
+                           for target, history in histories.items() for mode in ("incremental", "whole")})
     for target in PATH_TARGETS:
-        history = grow(client, "Ada", target)
-        result = side_by_side({"incremental": functools.partial(turn, history, True),
-                               "whole": functools.partial(turn, history, False)})
-        out[str(target)] = {"history_tokens": result["incremental"]["history_tokens"],
-                            **{f"{k}_{m}": v for k, r in result.items() for m, v in r.items()}}
+        modes = {mode: result[f"{target}/{mode}"] for mode in ("incremental", "whole")}
+        out[str(target)] = {"history_tokens": modes["incremental"]["history_tokens"],
+                            **{f"{k}_{m}": v for k, r in modes.items() for m, v in r.items()}}
     client.disable_memory()
     encoder._boundaries, encoder.prefix_reuse = boundaries, True
     client.close()
