@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from local_llm_kit.backends import Backend
 from local_llm_kit.errors import TemplateError
-from local_llm_kit.sealed import SealedMessage, snapshot
+from local_llm_kit.sealed import snapshot
 from local_llm_kit.templates import ChatTemplate
 
 __all__ = ["PromptEncoder", "ReplyPlace"]
@@ -565,7 +565,7 @@ class _Conversation:
         # A remembered history is sealed (local_llm_kit.sealed): its snapshots were taken once,
         # and are the same objects from request to request, which also makes comparing keys cheap.
         try:
-            snapshots = [m.snapshot if type(m) is SealedMessage else snapshot(m) for m in messages[start:]]
+            snapshots = list(map(snapshot, messages[start:]))
         except (TypeError, ValueError):
             return None
         frozen, item_hashes = tuple(map(_first, snapshots)), list(map(_second, snapshots))
