@@ -30,7 +30,11 @@ Sections (each one is wrapped: a failure is recorded and the others still run an
    with ``torch.backends.cuda.enable_cudnn_sdp(False)``. On an H200 (torch 2.11, transformers
    5.24) torch picks cuDNN attention, which plans every new (query, key) length: 82 ms for that
    forward at a new length against 17 ms repeated, 15 against 91 decode tokens/s.
-5. **Profile** of warm turns at about 1,500 tokens: cProfile of the Python side and, on CUDA, a
+5. **CUDA graphs check** (``graphs``): the same forward passes (a prefill, decode steps, a
+   verification of 9 positions, a trim and a 23-token turn, a second slot) through a client with
+   ``cuda_graphs=True`` and one with ``cuda_graphs=False`` on the same weights: the largest logit
+   difference and how often the argmax agrees; then one greedy chat reply from each.
+6. **Profile** of warm turns at about 1,500 tokens: cProfile of the Python side and, on CUDA, a
    torch.profiler summary (``gpu.profile.txt``).
 
 Results: benchmarks/results/gpu.json, gpu.md, gpu.profile.txt (also copied to ``--copy-to``).
@@ -151,6 +155,59 @@ def build_model(folder: Path, tokenizer: Path, device: str, dtype: str, tiny: bo
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"parameters": params, "vocab": n_vocab, **shape, "build_and_save_s": time.perf_counter() - start}
+
+
+GRAPHS = {"auto": None, "on": True, "off": False}
+
+
+def graphs_check(folder: Path, device: str, dtype: str) -> dict[str, Any]:
+    """The same passes with CUDA graphs on and off: logit differences and argmax agreement."""
+    import random
+
+    import numpy as np
+
+    clients = {mode: LLMClient(model_path=str(folder), backend="transformers", device=device, dtype=dtype,
+                               temperature=0, context_length=4096, cuda_graphs=GRAPHS[mode]).load()
+               for mode in ("on", "off")}
+    backends = {mode: c.engine.backend for mode, c in clients.items()}
+    rng = random.Random(0)
+    vocab = backends["on"].info.n_vocab
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    steps: list[tuple[str, Any]] = [("slot", 0), ("clear", None), ("all", ids(600))]
+    steps += [("greedy", None)] * 10
+    steps += [("all", ids(9)), ("trim", 5), ("all", ids(23)), ("greedy", None), ("slot", 1), ("clear", None),
+              ("all", ids(300)), ("all", ids(3)), ("slot", 0), ("greedy", None), ("all", ids(130)),
+              ("greedy", None)]
+    diffs: list[float] = []
+    agree = 0
+    last: dict[str, np.ndarray] = {}
+    for kind, arg in steps:
+        out: dict[str, np.ndarray] = {}
+        for mode, backend in backends.items():
+            if kind == "slot":
+                backend.use_slot(arg)
+            elif kind == "clear":
+                backend.truncate_cache(0)
+            elif kind == "trim":
+                backend.truncate_cache(len(backend.cached_tokens) - arg)
+            else:
+                tokens = arg if kind == "all" else [int(np.argmax(last["off"][-1]))]
+                out[mode] = backend.forward_all(tokens)
+        if out:
+            last = out
+            diffs.append(float(np.abs(out["on"] - out["off"]).max()))
+            agree += int(np.array_equal(out["on"].argmax(-1), out["off"].argmax(-1)))
+    messages = [{"role": "user", "content": "Write two sentences about lighthouses."}]
+    replies = {mode: c.chat.completions.create(messages=messages, max_tokens=32).choices[0].message.content
+               for mode, c in clients.items()}
+    graphs = backends["on"].cuda_graphs  # type: ignore[attr-defined]
+    for c in clients.values():
+        c.close()
+    return {"passes": len(diffs), "argmax_agree": agree, "max_abs_diff": max(diffs), "diffs": diffs,
+            "graphs_captured": graphs, "same_reply": replies["on"] == replies["off"], "replies": replies}
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -493,7 +550,8 @@ def table(payload: dict[str, Any]) -> list[str]:
              f"{payload.get('dtype')}), torch {env.get('torch')}, transformers {env.get('transformers')}: "
              f"random-weight Llama, {m.get('parameters', 0) / 1e9:.2f}B parameters (hidden {m.get('hidden_size')}, "
              f"{m.get('num_hidden_layers')} layers), SmolLM2 tokenizer, attention {ld.get('attn_implementation')}, "
-             f"kv_slots {ld.get('kv_slots')}, {payload.get('runs')} runs per figure", ""]
+             f"kv_slots {ld.get('kv_slots')}, CUDA graphs {(ld.get('backend_info') or {}).get('cuda_graphs')} "
+             f"(--cuda-graphs {payload.get('cuda_graphs')}), {payload.get('runs')} runs per figure", ""]
     ttft = payload.get("ttft") or {}
     if isinstance(ttft, dict) and ttft and "error" not in ttft:
         lines += ["TTFT of the next turn, memory on: warm (history in the KV cache) vs cold (cache cleared), "
@@ -561,6 +619,13 @@ def table(payload: dict[str, Any]) -> list[str]:
     errors = {k: v["error"] for k, v in payload.items() if isinstance(v, dict) and "error" in v}
     if errors:
         lines += ["", "Sections that failed:", *(f"- {k}: {v.splitlines()[-1]}" for k, v in errors.items())]
+    graphs = payload.get("graphs") or {}
+    if isinstance(graphs, dict) and graphs and "error" not in graphs:
+        lines += ["", "CUDA graphs on vs off, the same passes on the same weights", "",
+                  "| passes | argmax agrees | largest logit difference | graphs captured | same greedy reply |",
+                  "|---|---|---|---|---|",
+                  f"| {graphs['passes']} | {graphs['argmax_agree']} | {graphs['max_abs_diff']:.2e} | "
+                  f"{graphs['graphs_captured']} | {graphs['same_reply']} |"]
     return lines
 
 
@@ -598,11 +663,14 @@ def main() -> None:
     parser.add_argument("--targets", type=int, nargs="+", default=[500, 1500, 3000])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["ttft", "path", "floor", "speculation", "novel", "profile"])
+                        choices=["ttft", "path", "floor", "speculation", "novel", "graphs", "profile"])
+    parser.add_argument("--cuda-graphs", choices=sorted(GRAPHS), default="auto",
+                        help="LLMClient(cuda_graphs=...): auto (the default), on or off")
     parser.add_argument("--copy-to", type=Path, default=None, help="also write the result files here ($OUT)")
     parser.add_argument("--out", default="gpu")
     args = parser.parse_args()
-    payload: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "runs": args.runs}
+    payload: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "runs": args.runs,
+                               "cuda_graphs": args.cuda_graphs}
     section(payload, "environment", lambda: environment(args.device))
     print(json.dumps(payload["environment"]), flush=True)
     sync = Sync(args.device)
@@ -618,7 +686,8 @@ def main() -> None:
         def load() -> dict[str, Any]:
             start = time.perf_counter()
             client = LLMClient(model_path=str(folder), backend="transformers", device=args.device,
-                               dtype=args.dtype, temperature=0, context_length=4096).load()
+                               dtype=args.dtype, temperature=0, context_length=4096,
+                               cuda_graphs=GRAPHS[args.cuda_graphs]).load()
             clients.append(client)
             backend = client.engine.backend
             return {"load_s": time.perf_counter() - start, "backend_info": dict(backend.info.extra),
@@ -651,6 +720,9 @@ def main() -> None:
             write(args.out, payload, args.copy_to)
         if "novel" not in args.skip:
             section(payload, "novel", lambda: bench.novel(sorted(args.targets)[len(args.targets) // 2]))
+            write(args.out, payload, args.copy_to)
+        if "graphs" not in args.skip:
+            section(payload, "graphs", lambda: graphs_check(folder, args.device, args.dtype))
             write(args.out, payload, args.copy_to)
         if "profile" not in args.skip:
             middle = sorted(args.targets)[len(args.targets) // 2]

@@ -126,13 +126,14 @@ class _BaseClient:
         main_gpu: int | None = None,
         tensor_split: Sequence[float] | None = None,
         prompt_lookup: bool | int | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.settings: Settings = resolve_settings(
             model=model, model_path=model_path, backend=backend, context_length=context_length,
             temperature=temperature, top_p=top_p, cache_dir=cache_dir, n_threads=n_threads,
             dtype=dtype, device=device, base_url=base_url, api_key=api_key, kv_slots=kv_slots,
             n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, main_gpu=main_gpu,
-            tensor_split=tensor_split, prompt_lookup=prompt_lookup,
+            tensor_split=tensor_split, prompt_lookup=prompt_lookup, cuda_graphs=cuda_graphs,
         )
         self._explicit_model = model
         self._resolved: ResolvedModel | None = None
@@ -157,7 +158,8 @@ class _BaseClient:
         s = self.settings
         return BackendOptions(n_ctx=s.context_length, cache_dir=s.cache_dir, n_threads=s.n_threads,
                               dtype=s.dtype, device=s.device, kv_slots=s.kv_slots, n_gpu_layers=s.n_gpu_layers,
-                              flash_attn=s.flash_attn, main_gpu=s.main_gpu, tensor_split=s.tensor_split)
+                              flash_attn=s.flash_attn, main_gpu=s.main_gpu, tensor_split=s.tensor_split,
+                              cuda_graphs=s.cuda_graphs)
 
     @property
     def model(self) -> str:
@@ -604,6 +606,9 @@ class LLMClient(_BaseClient):
         as many as fit 1 GiB at this context length; see :mod:`local_llm_kit.slots`).
     :param n_gpu_layers: llama.cpp: layers to offload to the GPU (-1: all); with ``flash_attn``,
         ``main_gpu`` and ``tensor_split``, needs llama-cpp-python built with GPU support.
+    :param cuda_graphs: transformers on CUDA: replay short forward passes (decode steps, a warm
+        turn's new message) as CUDA graphs over static KV caches (default: on where the model has
+        only full-attention layers; see :mod:`local_llm_kit.backends._cuda_graphs`).
     :param prompt_lookup: prompt-lookup speculative decoding by default for this client's requests
         (``True``, ``False`` or the longest draft per forward pass; default off). Same output, fewer
         forward passes where replies copy their input; ``create(prompt_lookup=...)`` overrides it.

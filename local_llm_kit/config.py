@@ -24,6 +24,8 @@ which clients share a loaded model):
 * llama.cpp only: ``n_gpu_layers``, ``flash_attn``, ``main_gpu``, ``tensor_split``. Passing one
   to another backend raises; passing a GPU option to a llama-cpp-python built without GPU
   support raises when the model loads (see :mod:`local_llm_kit.backends.llama_cpp`).
+* transformers only: ``cuda_graphs`` (see :mod:`local_llm_kit.backends._cuda_graphs`); ``True``
+  raises when the model loads where graphs cannot run (not on CUDA, sliding-window layers).
 
 A malformed environment value raises :class:`~local_llm_kit.errors.InvalidRequestError`
 naming the variable, rather than being ignored.
@@ -84,6 +86,8 @@ class Settings:
     """llama.cpp only: the GPU that holds the whole model or its small tensors."""
     tensor_split: tuple[float, ...] | None = None
     """llama.cpp only: the share of the model each GPU holds."""
+    cuda_graphs: bool | None = None
+    """transformers only: short passes replayed as CUDA graphs; None: where the model allows."""
     draft_tokens: int = 0
     """Prompt-lookup speculation (``prompt_lookup``): the longest draft per forward pass; 0: off."""
 
@@ -168,6 +172,7 @@ def resolve_settings(
     main_gpu: int | None = None,
     tensor_split: Sequence[float] | None = None,
     prompt_lookup: bool | int | None = None,
+    cuda_graphs: bool | None = None,
 ) -> Settings:
     """Combine arguments, environment and defaults into validated :class:`Settings`."""
     env = os.environ if environ is None else environ
@@ -249,6 +254,14 @@ def resolve_settings(
                         if resolved_backend == "transformers" else "; the server decides where its model runs")
                 raise InvalidRequestError(f"{name} only applies to the llama.cpp backend, not {resolved_backend}"
                                           f"{hint}", param=name)
+    if cuda_graphs is not None:
+        if not isinstance(cuda_graphs, bool):
+            raise InvalidRequestError(f"cuda_graphs must be True or False, got {cuda_graphs!r}", param="cuda_graphs")
+        if resolved_backend != "transformers":
+            hint = ("; llama.cpp offloads with n_gpu_layers=" if resolved_backend == "llama.cpp"
+                    else "; the server decides how its model runs")
+            raise InvalidRequestError(f"cuda_graphs only applies to the transformers backend, not "
+                                      f"{resolved_backend}{hint}", param="cuda_graphs")
     if resolved_backend == REMOTE_BACKEND and kv_slots is not None:
         raise InvalidRequestError("kv_slots applies to in-process backends; the server manages its own cache",
                                   param="kv_slots")
@@ -274,5 +287,6 @@ def resolve_settings(
         flash_attn=flash_attn,
         main_gpu=main_gpu,
         tensor_split=split,
+        cuda_graphs=cuda_graphs,
         draft_tokens=DEFAULT_PROMPT_LOOKUP if prompt_lookup is None else draft_tokens(prompt_lookup),
     )

@@ -45,6 +45,9 @@ class BackendOptions:
     """llama.cpp only: the GPU for the whole model (split mode none) or its small tensors."""
     tensor_split: tuple[float, ...] | None = None
     """llama.cpp only: the proportion of the model each GPU holds."""
+    cuda_graphs: bool | None = None
+    """transformers only: replay short forward passes as CUDA graphs over static KV caches;
+    None: on where the model is on CUDA and has only full-attention layers."""
 
 
 def create_backend(name: str, path: str, options: BackendOptions) -> Backend:

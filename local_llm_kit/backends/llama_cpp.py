@@ -56,6 +56,9 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, path: str, options: BackendOptions) -> None:
         super().__init__()
+        if options.cuda_graphs is not None:
+            raise InvalidRequestError("cuda_graphs is a transformers option; llama.cpp offloads with n_gpu_layers=",
+                                      param="cuda_graphs")
         if not Path(path).is_file():
             raise ModelLoadError(f"the llama.cpp backend loads GGUF files; {path} is not a file")
         threads = options.n_threads or default_threads()

@@ -56,6 +56,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from local_llm_kit.backends import BackendOptions
+from local_llm_kit.backends._cuda_graphs import BUCKETS, GraphInputs, StaticSlot, static_layout_problem
 from local_llm_kit.backends._hf_convert import cached_hf_folder, is_gguf_file
 from local_llm_kit.backends.base import Backend, ModelInfo, default_kv_slots
 from local_llm_kit.errors import (
@@ -97,11 +98,16 @@ class TransformersBackend(Backend):
       question (benchmarks/bench_transformers.py has the side-by-side figures).
     * ``n_threads``: the physical cores this process may run on. ``torch.set_num_threads`` is
       process-wide, so the last backend loaded sets it for all.
+    * ``cuda_graphs``: on where the device is CUDA and every layer is full attention (see
+      :mod:`local_llm_kit.backends._cuda_graphs`); ``True`` elsewhere raises.
+
+    ``static_cache=True`` (tests only) puts the slots on the CUDA-graph path's padded static caches
+    on any device; off CUDA their passes run eagerly, so that the padding is checked without a GPU.
     """
 
     name = "transformers"
 
-    def __init__(self, path: str, options: BackendOptions) -> None:
+    def __init__(self, path: str, options: BackendOptions, *, static_cache: bool = False) -> None:
         super().__init__()
         for name in ("n_gpu_layers", "flash_attn", "main_gpu", "tensor_split"):
             if getattr(options, name) is not None:
@@ -118,13 +124,23 @@ class TransformersBackend(Backend):
         params = inspect.signature(self._model.forward).parameters
         # transformers 5 renamed ``past_key_values`` to ``cache``; 4.x only knows the old name.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._logits_kwargs: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._keeps_logits = "logits_to_keep" in params  # transformers < 4.45 computes every position
         n_slots = options.kv_slots or default_kv_slots(self.kv_bytes_per_token, options.n_ctx)
         self._allocate_slots(n_slots)
-        self._caches: list[Any] = [self._new_cache() for _ in range(n_slots)]
+        graphs = _pick_cuda_graphs(options.cuda_graphs, self._device, self._model)
+        self._static: list[StaticSlot] | None = None
+        self._caches: list[Any] = []
+        if graphs or static_cache:
+            if static_cache and (problem := static_layout_problem(self._model)):
+                raise InvalidRequestError(f"static_cache=True cannot be used: {problem}", param="static_cache")
+            inputs = GraphInputs(self._device)
+            capacity = options.n_ctx + max(BUCKETS)  # a padded pass may write past n_ctx
+            self._static = [StaticSlot(self._model, self._cache_kwarg, capacity, inputs) for _ in range(n_slots)]
+        else:
+            self._caches = [self._new_cache() for _ in range(n_slots)]
         extra = {"device": str(self._device), "dtype": str(self._dtype).removeprefix("torch."),
                  "folder": str(folder), "transformers": transformers.__version__,
-                 "kv_slots": str(n_slots)}  # fmt: skip
+                 "kv_slots": str(n_slots), "cuda_graphs": "on" if graphs else "off"}  # fmt: skip
         self._info = _model_info(self._source, self._tokenizer, self._model, extra)
         if options.n_ctx > self._info.n_ctx_train:
             logger.warning(
@@ -258,15 +274,15 @@ class TransformersBackend(Backend):
 
     # -- evaluation -------------------------------------------------------------------------------
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
-        logits = self._evaluate(tokens, self._logits_kwargs)
-        return np.asarray(logits[0, -1].to(device="cpu", dtype=torch.float32).numpy())
+        logits = self._evaluate(tokens, 1)
+        return np.asarray(logits[-1].to(device="cpu", dtype=torch.float32).numpy())
 
     def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
-        keep = {"logits_to_keep": len(tokens)} if self._logits_kwargs else {}
-        logits = self._evaluate(tokens, keep)
-        return np.asarray(logits[0, -len(tokens):].to(device="cpu", dtype=torch.float32).numpy())
+        logits = self._evaluate(tokens, len(tokens))
+        return np.asarray(logits.to(device="cpu", dtype=torch.float32).numpy())
 
-    def _evaluate(self, tokens: Sequence[int], logits_kwargs: dict[str, Any]) -> Any:
+    def _evaluate(self, tokens: Sequence[int], rows: int) -> Any:
+        """Feed ``tokens`` after the cached ones; the logits of their last ``rows`` positions."""
         if len(tokens) == 0:
             raise InvalidRequestError("forward needs at least one token", param="tokens")
         total = len(self._cached) + len(tokens)
@@ -275,18 +291,22 @@ class TransformersBackend(Backend):
                 f"{total} tokens do not fit the context of {self.n_ctx}",
                 prompt_tokens=total, max_tokens=None, context_length=self.n_ctx,
             )  # fmt: skip
-        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._device)
         try:
             with torch.inference_mode(), _attention_kernels(self._device):
-                output = self._model(
-                    input_ids=input_ids, use_cache=True, **{self._cache_kwarg: self._cache}, **logits_kwargs,
-                )  # fmt: skip
+                if self._static is not None:
+                    logits = self._static[self._slot].forward(tokens, len(self._cached), rows)
+                else:
+                    input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._device)
+                    keep = {"logits_to_keep": rows} if self._keeps_logits else {}
+                    output = self._model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: self._cache},
+                                         **keep)  # fmt: skip
+                    logits = output.logits[0, -rows:]
         except BaseException:
             # Some layers may hold the new tokens and others not: only an empty cache is sure.
             self._reset_cache()
             raise
         self._cached.extend(tokens)
-        return output.logits
+        return logits
 
     def truncate_cache(self, n_keep: int) -> int:
         """Crop the cache to ``n_keep`` tokens where that is exact, else empty it.
@@ -299,6 +319,9 @@ class TransformersBackend(Backend):
         length = len(self._cached)
         n_keep = max(0, min(n_keep, length))
         if n_keep == length:
+            return n_keep
+        if self._static is not None:  # exact: the next pass starts at n_keep and writes over the rest
+            del self._cached[n_keep:]
             return n_keep
         if n_keep == 0 or not self._can_crop_to(n_keep):
             logger.debug("cache cannot be cropped to %d of %d tokens; emptying it", n_keep, length)
@@ -329,10 +352,18 @@ class TransformersBackend(Backend):
         return True
 
     def _reset_cache(self) -> None:
-        self._cache = self._new_cache()
+        if self._static is None:  # a static slot is reset by its length alone (see truncate_cache)
+            self._cache = self._new_cache()
         self._cached.clear()
 
+    @property
+    def cuda_graphs(self) -> int:
+        """CUDA graphs captured so far over all slots (0 where graphs are off)."""
+        return sum(slot.graphs for slot in self._static or ())
+
     def close(self) -> None:
+        for slot in self._static or ():
+            slot.close()
         self._caches = [None] * self.n_slots
         for tokens in self._slot_tokens:
             tokens.clear()
@@ -359,6 +390,21 @@ def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManage
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _pick_cuda_graphs(requested: bool | None, device: torch.device, model: Any) -> bool:
+    """Whether short passes replay as CUDA graphs: ``requested``, or where they can when ``None``."""
+    if requested is False:
+        return False
+    problem = None if device.type == "cuda" else f"the model is on {device.type}; CUDA graphs need device='cuda'"
+    problem = problem or static_layout_problem(model)
+    if problem is not None:
+        if requested:
+            raise InvalidRequestError(f"cuda_graphs=True cannot be used: {problem}", param="cuda_graphs")
+        if device.type == "cuda":
+            logger.info("CUDA graphs are off for this model: %s", problem)
+        return False
+    return True
 
 
 def _pick_device(name: str | None) -> torch.device:

@@ -1,0 +1,214 @@
+"""KV-cache slots on a static cache whose short forward passes replay as CUDA graphs.
+
+Why. Eager PyTorch launches each of a layer's ~35 kernels from Python. On a GPU a small model's
+forward pass is then bound by those launches, not by the GPU: on an H200 a 1B-shaped Llama took
+11-13 ms for a forward of 23 new tokens and as long for a cold prefill of 1,600, so a warm turn's
+time to first token was 1.04x a cold one's and the KV cache saved nothing
+(``benchmarks/results/gpu.md``). A CUDA graph replays the recorded kernels with one launch.
+
+How. A graph replays fixed shapes at fixed addresses, so each slot keeps its keys and values in a
+``transformers.StaticCache`` of ``n_ctx + max(BUCKETS)`` positions, allocated once. A forward of
+``n`` new tokens at cache position ``start`` is padded to the next bucket size ``b`` (1, 2, 4, ...,
+128): its ids, and positions ``start .. start + b - 1``. The padding writes keys and values past the
+real tokens; causal masking keeps every real query from reading them (each reads positions up to
+its own), and the next forward writes its own tokens over them. For the same reason trimming the
+cache is free: the slot's length is where the next forward starts, and nothing past it is ever
+read before it is written again. The first forward of a bucket on a slot runs eagerly (on a side
+stream, as the warm-up CUDA graphs need; its logits are that call's answer), then its graph is
+captured; later forwards of that bucket copy their ids and start position into the graph's input
+buffer and replay. Forwards longer than the largest bucket (prefills) run eagerly on the same cache.
+
+Each layer's ``cumulative_length`` (a device tensor in transformers' ``StaticLayer``, from which the
+model derives positions and the attention mask) is set to ``start`` before every pass: inside the
+graph from the input buffer, in eager passes with ``fill_``.
+
+Only models whose every layer is full attention qualify (:func:`static_layout_problem`): a
+sliding-window static layer is a ring buffer, which padding would overwrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import StaticCache
+
+__all__ = ["BUCKETS", "GraphInputs", "StaticSlot", "static_layout_problem"]
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+"""Forward lengths a graph is captured for: a decode step (1), a speculative draft's verification
+(up to 9), a warm turn's new message (20-60 tokens with its template markup), a short document."""
+PAD_TOKEN = 0
+"""Id fed at padded positions: any id does, their outputs are never read."""
+
+
+def static_layout_problem(model: Any) -> str | None:
+    """Why ``model`` cannot run on padded static-cache slots, or ``None`` when it can."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None) or ()
+    other = sorted({str(kind) for kind in layer_types} - {"full_attention"})
+    if other:
+        return f"its layers include {', '.join(other)} (a static cache pads only full-attention layers)"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "it uses sliding-window attention (a static cache pads only full-attention layers)"
+    try:
+        probe = StaticCache(config=model.config, max_cache_len=1)
+    except (TypeError, ValueError) as exc:
+        return f"transformers cannot build a static cache for it ({exc})"
+    if not all(hasattr(layer, "cumulative_length") for layer in getattr(probe, "layers", ())):
+        return "this transformers version's StaticLayer keeps no cumulative_length (5.18 and later do)"
+    return None
+
+
+def bucket_for(n_tokens: int) -> int | None:
+    """The smallest bucket that holds ``n_tokens``, or ``None`` past the largest."""
+    for size in BUCKETS:
+        if n_tokens <= size:
+            return size
+    return None
+
+
+class GraphInputs:
+    """What every slot's graphs share: the memory pool and one input buffer per bucket.
+
+    A bucket's buffer holds ``b`` ids then the start position, copied from pinned host memory in
+    one transfer. Graphs of different slots read the same buffer: passes are serialized (the
+    model's step lock), and each reads its logits back before the next pass is prepared.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.capture = device.type == "cuda"
+        """Whether graphs are captured; elsewhere padded passes run eagerly (tests on a CPU)."""
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._device_buffers: dict[int, torch.Tensor] = {}
+        self._host_buffers: dict[int, torch.Tensor] = {}
+
+    def load(self, size: int, tokens: Sequence[int], start: int) -> torch.Tensor:
+        """Copy ``tokens`` (padded to ``size``) and ``start`` into the bucket's device buffer."""
+        host = self._host_buffers.get(size)
+        if host is None:
+            host = self._host_buffers[size] = torch.empty(size + 1, dtype=torch.long, pin_memory=self.capture)
+            self._device_buffers[size] = torch.empty(size + 1, dtype=torch.long, device=self.device)
+        n = len(tokens)
+        host[:n] = torch.as_tensor(tokens, dtype=torch.long)
+        host[n:size] = PAD_TOKEN
+        host[size] = start
+        buffer = self._device_buffers[size]
+        # The host buffer is rewritten only after this pass's logits were read back (a sync).
+        buffer.copy_(host, non_blocking=True)
+        return buffer
+
+
+def _padded_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """On CUDA, the SDPA kernels for padded passes (a few queries against the whole cache).
+
+    A padded pass attends all ``capacity`` keys under a mask, which flash attention does not
+    take. On an H200 (one query, 4,224 keys, 32 heads over 8 KV heads, bfloat16) torch's
+    memory-efficient kernel took 269 us per layer and the math kernel 282, cuDNN's 62
+    (``benchmarks/bench_sdpa_static.py``); the efficient kernel was 62% of a warm turn's GPU time.
+    cuDNN plans each new (query, key) shape, which eager passes of a growing conversation pay
+    at every step (see ``_attention_kernels`` in the backend); a padded pass has one shape per
+    bucket, planned in the eager pass that precedes its graph's capture. Where cuDNN declines a
+    shape, torch takes the memory-efficient kernel.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
+class StaticSlot:
+    """One KV-cache slot: a static cache of ``capacity`` positions and its captured graphs.
+
+    With ``inputs`` on a device other than CUDA, short passes are padded to their bucket and run
+    eagerly, without graphs: how the padding is tested without a GPU. With ``inputs=None`` every
+    pass runs eagerly, unpadded.
+    """
+
+    def __init__(self, model: Any, cache_kwarg: str, capacity: int, inputs: GraphInputs | None) -> None:
+        self._model = model
+        self._cache_kwarg = cache_kwarg
+        self._cache = StaticCache(config=model.config, max_cache_len=capacity)
+        self._inputs = inputs
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capacity = capacity
+
+    @property
+    def graphs(self) -> int:
+        """Graphs captured so far (one per bucket used)."""
+        return len(self._graphs)
+
+    def forward(self, tokens: Sequence[int], start: int, rows: int) -> torch.Tensor:
+        """Logits of the last ``rows`` of ``tokens``, fed after the slot's first ``start`` positions.
+
+        A tensor of shape ``(rows, vocabulary)`` on the model's device, valid until the next pass.
+        """
+        n = len(tokens)
+        if not 1 <= rows <= n:
+            raise ValueError(f"rows must be in 1..{n}, not {rows}")
+        if start + n > self.capacity:
+            raise ValueError(f"{start + n} positions do not fit a static cache of {self.capacity}")
+        size = bucket_for(n) if self._inputs is not None and self._initialized() else None
+        if size is None or start + size > self.capacity:
+            return self._eager(tokens, start, rows)
+        inputs = self._inputs
+        assert inputs is not None  # a bucket is only chosen with inputs
+        buffer = inputs.load(size, tokens, start)
+        captured = self._graphs.get(size)
+        if captured is not None:
+            graph, logits = captured
+            graph.replay()
+        elif inputs.capture:
+            logits = self._capture(size, buffer)
+        else:
+            logits = self._padded_pass(size, buffer)
+        return logits[0, n - rows:n]
+
+    def _initialized(self) -> bool:
+        return all(getattr(layer, "is_initialized", False) for layer in self._cache.layers)
+
+    def _eager(self, tokens: Sequence[int], start: int, rows: int) -> torch.Tensor:
+        for layer in self._cache.layers:
+            layer.cumulative_length.fill_(start)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._model.device)
+        output = self._model(input_ids=ids, use_cache=True, logits_to_keep=rows, **{self._cache_kwarg: self._cache})
+        logits: torch.Tensor = output.logits[0, -rows:]
+        return logits
+
+    def _padded_pass(self, size: int, buffer: torch.Tensor) -> torch.Tensor:
+        """The pass a graph records: set every layer's length from the buffer, then the forward."""
+        start = buffer[size]
+        for layer in self._cache.layers:
+            layer.cumulative_length.copy_(start)
+        with _padded_attention(buffer.device):
+            output = self._model(input_ids=buffer[:size].view(1, size), use_cache=True, logits_to_keep=0,
+                                 **{self._cache_kwarg: self._cache})  # fmt: skip
+        logits: torch.Tensor = output.logits
+        return logits
+
+    def _capture(self, size: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Run the bucket's pass eagerly on a side stream (the answer), then capture its graph."""
+        inputs = self._inputs
+        assert inputs is not None and inputs.pool is not None
+        side = torch.cuda.Stream(device=inputs.device)
+        side.wait_stream(torch.cuda.current_stream(inputs.device))
+        with torch.cuda.stream(side):
+            answer = self._padded_pass(size, buffer)
+        torch.cuda.current_stream(inputs.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=inputs.pool, capture_error_mode="thread_local"):
+            logits = self._padded_pass(size, buffer)
+        self._graphs[size] = (graph, logits)
+        logger.debug("captured a CUDA graph for %d-token forwards (%d on this slot)", size, len(self._graphs))
+        return answer
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._cache = None
