@@ -4,7 +4,8 @@ A padded CUDA-graph pass (``local_llm_kit.backends._cuda_graphs``) attends every
 slot's static cache, masked past the real ones. This times one layer's attention of that shape
 (32 query heads, 8 KV heads, head size 64, bfloat16, the keys repeated to the query heads as
 transformers does under a mask) with each SDPA kernel, and flash attention on exactly the real
-keys without any mask as a floor (its sums differ: it is timed, not compared). Median of 50 CUDA-event timings after 10 warm-ups.
+keys without any mask as a floor (its sums differ: it is timed, not compared). Median of 50
+CUDA-event timings after 10 warm-ups. Results: benchmarks/results/sdpa_static.txt.
 
     python benchmarks/bench_sdpa_static.py [--keys 4224] [--real 1650]
 """
@@ -12,21 +13,24 @@ keys without any mask as a floor (its sums differ: it is timed, not compared). M
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def timed(fn: object, runs: int = 50) -> float:
+def timed(fn: Callable[[], object], runs: int = 50) -> float:
+    """Median microseconds of ``fn`` on the GPU (CUDA events), after 10 warm-ups."""
     for _ in range(10):
-        fn()  # type: ignore[operator]
+        fn()
     times = []
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()  # type: ignore[operator]
+        fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
@@ -48,17 +52,19 @@ def main() -> None:
         mask = (torch.arange(args.keys, device="cuda")[None, :] <= position[:, None])[None, None]
         rk, rv = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
         row: dict[str, float] = {}
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        masked = functools.partial(sdpa, q, rk, rv, attn_mask=mask)
         for name, backend in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH),
                               ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
                 with sdpa_kernel([backend]):
-                    row[name] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, rk, rv, attn_mask=mask))
+                    row[name] = timed(masked)
             except RuntimeError as exc:
                 row[name] = float("nan")
                 print(f"{name} at {queries} queries: {str(exc).splitlines()[0]}")
-        ek, ev = rk[:, :, :args.real].contiguous(), rv[:, :, :args.real].contiguous()
+        exact = functools.partial(sdpa, q, rk[:, :, :args.real].contiguous(), rv[:, :, :args.real].contiguous())
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # no causal mask: a timing floor, not the same sums
-            row["flash_exact_keys"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, ek, ev))
+            row["flash_exact_keys"] = timed(exact)
         out[str(queries)] = row
         print(f"{queries} queries x {args.keys} keys (us): {json.dumps({k: round(t, 1) for k, t in row.items()})}",
               flush=True)

@@ -4,7 +4,9 @@ Why. Eager PyTorch launches each of a layer's ~35 kernels from Python. On a GPU 
 forward pass is then bound by those launches, not by the GPU: on an H200 a 1B-shaped Llama took
 11-13 ms for a forward of 23 new tokens and as long for a cold prefill of 1,600, so a warm turn's
 time to first token was 1.04x a cold one's and the KV cache saved nothing
-(``benchmarks/results/gpu.md``). A CUDA graph replays the recorded kernels with one launch.
+(``benchmarks/results/gpu.md`` before this module). A CUDA graph replays the recorded kernels
+with one launch: with graphs that ratio is 0.24x at ~1,500 history tokens, and a decode step takes
+3.0 ms instead of 21 (``gpu.md``, ``gpu_graphs_off.md``: the same H200, a minute apart).
 
 How. A graph replays fixed shapes at fixed addresses, so each slot keeps its keys and values in a
 ``transformers.StaticCache`` of ``n_ctx + max(BUCKETS)`` positions, allocated once. A forward of
@@ -17,6 +19,12 @@ read before it is written again. The first forward of a bucket on a slot runs ea
 stream, as the warm-up CUDA graphs need; its logits are that call's answer), then its graph is
 captured; later forwards of that bucket copy their ids and start position into the graph's input
 buffer and replay. Forwards longer than the largest bucket (prefills) run eagerly on the same cache.
+
+A pass attends only a window of the cache, not all of it: attention costs what it reads, and a
+short conversation in a 4,096-token cache would read 4,224 positions for every token. A graph's
+window is the smallest power of two from 256 that holds the pass (at most the capacity): graphs
+are captured per (bucket, window), at most twice the keys read. An eager pass reads exactly up
+to its end. (Attending the whole cache, warm/cold TTFT was 0.33x instead of 0.24x.)
 
 Each layer's ``cumulative_length`` (a device tensor in transformers' ``StaticLayer``, from which the
 model derives positions and the attention mask) is set to ``start`` before every pass: inside the
@@ -35,8 +43,9 @@ from typing import Any
 
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
-__all__ = ["BUCKETS", "GraphInputs", "StaticSlot", "static_layout_problem"]
+__all__ = ["BUCKETS", "GraphInputs", "StaticSlot", "WindowedLayer", "static_layout_problem", "window_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +69,38 @@ def static_layout_problem(model: Any) -> str | None:
         probe = StaticCache(config=model.config, max_cache_len=1)
     except (TypeError, ValueError) as exc:
         return f"transformers cannot build a static cache for it ({exc})"
-    if not all(hasattr(layer, "cumulative_length") for layer in getattr(probe, "layers", ())):
+    kinds = {type(layer).__name__ for layer in getattr(probe, "layers", ()) if type(layer) is not StaticLayer}
+    if kinds:
+        return f"its static cache has {', '.join(sorted(kinds))} layers (only plain StaticLayer ones are padded)"
+    if not all(hasattr(layer, "cumulative_length") for layer in probe.layers):
         return "this transformers version's StaticLayer keeps no cumulative_length (5.18 and later do)"
     return None
+
+
+def window_for(end: int, capacity: int) -> int:
+    """The positions a graph of a pass ending at ``end`` attends: a power of two from 256, or all."""
+    window = 256
+    while window < end:
+        window *= 2
+    return min(window, capacity)
+
+
+class WindowedLayer(StaticLayer):  # type: ignore[no-untyped-call]  # transformers is untyped
+    """A ``StaticLayer`` whose passes attend only its first ``window`` positions.
+
+    ``window`` is set before every pass and must hold the pass's own positions; what lies past
+    it is neither read nor written by that pass.
+    """
+
+    window: int
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys[:, :, : self.window], values[:, :, : self.window]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.window, 0
 
 
 def bucket_for(n_tokens: int) -> int | None:
@@ -135,9 +173,11 @@ class StaticSlot:
     def __init__(self, model: Any, cache_kwarg: str, capacity: int, inputs: GraphInputs | None) -> None:
         self._model = model
         self._cache_kwarg = cache_kwarg
-        self._cache = StaticCache(config=model.config, max_cache_len=capacity)
+        self._cache: Any = StaticCache(config=model.config, max_cache_len=capacity)
+        self._layers = [WindowedLayer(max_cache_len=capacity) for _ in self._cache.layers]
+        self._cache.layers = list(self._layers)
         self._inputs = inputs
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capacity = capacity
 
     @property
@@ -161,54 +201,60 @@ class StaticSlot:
         inputs = self._inputs
         assert inputs is not None  # a bucket is only chosen with inputs
         buffer = inputs.load(size, tokens, start)
-        captured = self._graphs.get(size)
+        window = window_for(start + size, self.capacity)
+        captured = self._graphs.get((size, window))
         if captured is not None:
             graph, logits = captured
             graph.replay()
         elif inputs.capture:
-            logits = self._capture(size, buffer)
+            logits = self._capture(size, window, buffer)
         else:
-            logits = self._padded_pass(size, buffer)
+            logits = self._padded_pass(size, window, buffer)
         return logits[0, n - rows:n]
 
     def _initialized(self) -> bool:
-        return all(getattr(layer, "is_initialized", False) for layer in self._cache.layers)
+        return all(getattr(layer, "is_initialized", False) for layer in self._layers)
 
     def _eager(self, tokens: Sequence[int], start: int, rows: int) -> torch.Tensor:
-        for layer in self._cache.layers:
+        for layer in self._layers:
             layer.cumulative_length.fill_(start)
+            layer.window = start + len(tokens)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._model.device)
         output = self._model(input_ids=ids, use_cache=True, logits_to_keep=rows, **{self._cache_kwarg: self._cache})
         logits: torch.Tensor = output.logits[0, -rows:]
         return logits
 
-    def _padded_pass(self, size: int, buffer: torch.Tensor) -> torch.Tensor:
+    def _padded_pass(self, size: int, window: int, buffer: torch.Tensor) -> torch.Tensor:
         """The pass a graph records: set every layer's length from the buffer, then the forward."""
         start = buffer[size]
-        for layer in self._cache.layers:
+        for layer in self._layers:
             layer.cumulative_length.copy_(start)
+            layer.window = window
         with _padded_attention(buffer.device):
             output = self._model(input_ids=buffer[:size].view(1, size), use_cache=True, logits_to_keep=0,
                                  **{self._cache_kwarg: self._cache})  # fmt: skip
         logits: torch.Tensor = output.logits
         return logits
 
-    def _capture(self, size: int, buffer: torch.Tensor) -> torch.Tensor:
+    def _capture(self, size: int, window: int, buffer: torch.Tensor) -> torch.Tensor:
         """Run the bucket's pass eagerly on a side stream (the answer), then capture its graph."""
         inputs = self._inputs
         assert inputs is not None and inputs.pool is not None
-        side = torch.cuda.Stream(device=inputs.device)
+        side = torch.cuda.Stream(device=inputs.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(inputs.device))
         with torch.cuda.stream(side):
-            answer = self._padded_pass(size, buffer)
+            answer = self._padded_pass(size, window, buffer)
         torch.cuda.current_stream(inputs.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=inputs.pool, capture_error_mode="thread_local"):
-            logits = self._padded_pass(size, buffer)
-        self._graphs[size] = (graph, logits)
-        logger.debug("captured a CUDA graph for %d-token forwards (%d on this slot)", size, len(self._graphs))
+            logits = self._padded_pass(size, window, buffer)
+        self._graphs[size, window] = (graph, logits)
+        logger.debug("captured a CUDA graph for %d-token passes within %d positions (%d on this slot)",
+                     size, window, len(self._graphs))
         return answer
 
     def close(self) -> None:
+        """Drop the graphs and the cache's tensors (the slot is unusable afterwards)."""
         self._graphs.clear()
+        self._layers.clear()
         self._cache = None

@@ -383,7 +383,8 @@ def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManage
     seen. In a conversation every decode step and every turn is a new pair: on an H200 a 1B Llama
     decoded at 15 tok/s with it and 91 tok/s without, and a 23-token forward at a new length took
     82 ms instead of 13 (benchmarks/results/gpu.novel.md). The choice is torch's process-wide setting
-    for the pass's duration. Elsewhere torch's own choice stands.
+    for the pass's duration. Elsewhere torch's own choice stands. Padded CUDA-graph passes choose
+    again inside this (cuDNN first: their shapes never change; see ``_cuda_graphs``).
     """
     if device.type != "cuda":
         return contextlib.nullcontext()

@@ -53,3 +53,20 @@ def test_environment_is_read_by_the_client(monkeypatch: pytest.MonkeyPatch) -> N
 def test_constructing_a_client_loads_nothing() -> None:
     client = LLMClient("does-not-exist")  # resolution is lazy too
     assert client._engine is None
+
+
+def test_cuda_graphs_is_a_transformers_option() -> None:
+    s = resolve_settings(**{**DEFAULTS, "backend": "transformers"}, cuda_graphs=False, environ={})
+    assert s.cuda_graphs is False
+    assert resolve_settings(**{**DEFAULTS, "backend": "transformers"}, environ={}).cuda_graphs is None
+    client = LLMClient(backend="transformers", cuda_graphs=True)
+    assert client.options.cuda_graphs is True  # reaches the backend (and the model-sharing key)
+    assert client.options != LLMClient(backend="transformers").options
+    for backend, hint in (("llama.cpp", "n_gpu_layers"), ("openai", "server")):
+        extra = {"base_url": "http://127.0.0.1:1/v1"} if backend == "openai" else {}
+        with pytest.raises(InvalidRequestError, match=hint) as caught:
+            resolve_settings(**{**DEFAULTS, "backend": backend}, cuda_graphs=True, environ={}, **extra)
+        assert caught.value.param == "cuda_graphs"
+    with pytest.raises(InvalidRequestError, match="True or False") as caught:
+        resolve_settings(**{**DEFAULTS, "backend": "transformers"}, cuda_graphs="yes", environ={})  # type: ignore[arg-type]
+    assert caught.value.param == "cuda_graphs"
