@@ -56,9 +56,10 @@ test-floors:
 	$(FLOORS_UV) freeze --python $(FLOORS_PY) --exclude-editable > $(FLOORS_VENV)/floors.txt
 	$(FLOORS_UV) install --python $(FLOORS_PY) --constraints $(FLOORS_VENV)/floors.txt pytest pytest-asyncio openai mypy
 	LOCAL_LLM_KIT_DEPENDENCY_FLOORS=1 $(FLOORS_PY) -m pytest -q tests/unit tests/server/test_server_unit.py
-	# then torch (it lifts typing-extensions to 4.10), for what transformers reads only with torch: GGUF files
+	# then torch (it lifts typing-extensions to 4.10), for what transformers does only with torch: GGUF
+	# files, and the static caches of the CUDA-graph path
 	$(FLOORS_PY) -m pip install --quiet torch==2.13.0
-	$(FLOORS_PY) -m pytest -q tests/unit/test_dependency_floors.py tests/unit/test_hf_convert.py tests/unit/test_templates.py
+	$(FLOORS_PY) -m pytest -q tests/unit/test_dependency_floors.py tests/unit/test_hf_convert.py tests/unit/test_templates.py tests/unit/test_static_cache.py
 
 lint: install
 	$(VENV)/bin/ruff check local_llm_kit tests benchmarks integrations

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ pytest.importorskip("transformers")
 
 from local_llm_kit import LLMClient
 from local_llm_kit.backends import BackendOptions
-from local_llm_kit.backends._cuda_graphs import BUCKETS, bucket_for, static_layout_problem, window_for
+from local_llm_kit.backends._cuda_graphs import static_layout_problem
 from local_llm_kit.backends.transformers import TransformersBackend
 from local_llm_kit.errors import InvalidRequestError
 
@@ -144,20 +143,6 @@ def test_a_failed_pass_leaves_the_slot_usable(pair: tuple[TransformersBackend, T
     _same_logits(pair, ids)
 
 
-def test_only_full_attention_models_qualify() -> None:
-    """A sliding-window static layer is a ring buffer, which padding would write over."""
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig
-
-    def problem(config: object) -> str | None:
-        return static_layout_problem(SimpleNamespace(config=config))
-
-    small = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-             "num_key_value_heads": 2}
-    assert problem(LlamaConfig(**small)) is None
-    assert "sliding_attention" in str(problem(Gemma3TextConfig(**small, head_dim=16)))
-    assert "sliding" in str(problem(MistralConfig(**small, sliding_window=512)))
-
-
 def test_cuda_graphs_need_cuda(cache_dir: Path) -> None:
     options = BackendOptions(n_ctx=1024, cache_dir=cache_dir, dtype="float32", cuda_graphs=True)
     with pytest.raises(InvalidRequestError, match="device='cuda'") as caught:
@@ -179,10 +164,3 @@ def test_client_refuses_cuda_graphs_where_they_cannot_apply(cache_dir: Path) -> 
     client = LLMClient(backend="transformers", cuda_graphs=True, device="cpu", cache_dir=cache_dir)
     with pytest.raises(InvalidRequestError, match="CUDA graphs need device='cuda'"):
         client.load()
-
-
-def test_buckets_and_windows() -> None:
-    assert [bucket_for(n) for n in (1, 2, 3, 9, 23, 128)] == [1, 2, 4, 16, 32, 128]
-    assert bucket_for(max(BUCKETS) + 1) is None
-    assert [window_for(end, 4224) for end in (1, 256, 257, 1650, 4096, 4097)] == [256, 256, 512, 2048, 4096, 4224]
-    assert window_for(300, 300) == 300
