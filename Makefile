@@ -31,7 +31,7 @@ demo: install
 	$(PY) -m local_llm_kit run --temperature 0 --max-tokens 64 "Give me three tips for writing clear Python code."
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
