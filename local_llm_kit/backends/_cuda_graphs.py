@@ -114,7 +114,8 @@ def bucket_for(n_tokens: int) -> int | None:
 class GraphInputs:
     """What every slot's graphs share: the memory pool and one input buffer per bucket.
 
-    A bucket's buffer holds ``b`` ids then the start position, copied from pinned host memory in
+    A bucket's buffer holds ``b`` ids, the start position and the index of the last real token
+    (the one row a pass for ``forward`` computes logits for), copied from pinned host memory in
     one transfer. Graphs of different slots read the same buffer: passes are serialized (the
     model's step lock), and each reads its logits back before the next pass is prepared.
     """
@@ -128,15 +129,17 @@ class GraphInputs:
         self._host_buffers: dict[int, torch.Tensor] = {}
 
     def load(self, size: int, tokens: Sequence[int], start: int) -> torch.Tensor:
-        """Copy ``tokens`` (padded to ``size``) and ``start`` into the bucket's device buffer."""
+        """Copy ``tokens`` (padded to ``size``), ``start`` and the last token's index into the bucket's
+        device buffer."""
         host = self._host_buffers.get(size)
         if host is None:
-            host = self._host_buffers[size] = torch.empty(size + 1, dtype=torch.long, pin_memory=self.capture)
-            self._device_buffers[size] = torch.empty(size + 1, dtype=torch.long, device=self.device)
+            host = self._host_buffers[size] = torch.empty(size + 2, dtype=torch.long, pin_memory=self.capture)
+            self._device_buffers[size] = torch.empty(size + 2, dtype=torch.long, device=self.device)
         n = len(tokens)
         host[:n] = torch.as_tensor(tokens, dtype=torch.long)
         host[n:size] = PAD_TOKEN
         host[size] = start
+        host[size + 1] = n - 1
         buffer = self._device_buffers[size]
         # The host buffer is rewritten only after this pass's logits were read back (a sync).
         buffer.copy_(host, non_blocking=True)
@@ -177,7 +180,8 @@ class StaticSlot:
         self._layers = [WindowedLayer(max_cache_len=capacity) for _ in self._cache.layers]
         self._cache.layers = list(self._layers)
         self._inputs = inputs
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # keyed by (bucket, window, whether only the last real token's logits are computed)
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capacity = capacity
 
     @property
@@ -201,16 +205,16 @@ class StaticSlot:
         inputs = self._inputs
         assert inputs is not None  # a bucket is only chosen with inputs
         buffer = inputs.load(size, tokens, start)
-        window = window_for(start + size, self.capacity)
-        captured = self._graphs.get((size, window))
+        key = (size, window_for(start + size, self.capacity), rows == 1)
+        captured = self._graphs.get(key)
         if captured is not None:
             graph, logits = captured
             graph.replay()
         elif inputs.capture:
-            logits = self._capture(size, window, buffer)
+            logits = self._capture(key, buffer)
         else:
-            logits = self._padded_pass(size, window, buffer)
-        return logits[0, n - rows:n]
+            logits = self._padded_pass(key, buffer)
+        return logits[0, -1:] if rows == 1 else logits[0, n - rows:n]
 
     def _initialized(self) -> bool:
         return all(getattr(layer, "is_initialized", False) for layer in self._layers)
@@ -224,33 +228,40 @@ class StaticSlot:
         logits: torch.Tensor = output.logits[0, -rows:]
         return logits
 
-    def _padded_pass(self, size: int, window: int, buffer: torch.Tensor) -> torch.Tensor:
-        """The pass a graph records: set every layer's length from the buffer, then the forward."""
+    def _padded_pass(self, key: tuple[int, int, bool], buffer: torch.Tensor) -> torch.Tensor:
+        """The pass a graph records: set every layer's length from the buffer, then the forward.
+
+        Its logits are those of every padded position, or of the last real token alone (a
+        ``forward``'s one row: the language-model head then runs on one position, and the graph
+        keeps a vocabulary-sized output instead of ``size`` of them).
+        """
+        size, window, last_only = key
         start = buffer[size]
         for layer in self._layers:
             layer.cumulative_length.copy_(start)
             layer.window = window
+        keep: torch.Tensor | int = buffer[size + 1:size + 2] if last_only else 0
         with _padded_attention(buffer.device):
-            output = self._model(input_ids=buffer[:size].view(1, size), use_cache=True, logits_to_keep=0,
+            output = self._model(input_ids=buffer[:size].view(1, size), use_cache=True, logits_to_keep=keep,
                                  **{self._cache_kwarg: self._cache})  # fmt: skip
         logits: torch.Tensor = output.logits
         return logits
 
-    def _capture(self, size: int, window: int, buffer: torch.Tensor) -> torch.Tensor:
+    def _capture(self, key: tuple[int, int, bool], buffer: torch.Tensor) -> torch.Tensor:
         """Run the bucket's pass eagerly on a side stream (the answer), then capture its graph."""
         inputs = self._inputs
         assert inputs is not None and inputs.pool is not None
         side = torch.cuda.Stream(device=inputs.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(inputs.device))
         with torch.cuda.stream(side):
-            answer = self._padded_pass(size, window, buffer)
+            answer = self._padded_pass(key, buffer)
         torch.cuda.current_stream(inputs.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=inputs.pool, capture_error_mode="thread_local"):
-            logits = self._padded_pass(size, window, buffer)
-        self._graphs[size, window] = (graph, logits)
-        logger.debug("captured a CUDA graph for %d-token passes within %d positions (%d on this slot)",
-                     size, window, len(self._graphs))
+            logits = self._padded_pass(key, buffer)
+        self._graphs[key] = (graph, logits)
+        logger.debug("captured a CUDA graph for %d-token passes within %d positions%s (%d on this slot)",
+                     key[0], key[1], ", last row only" if key[2] else "", len(self._graphs))
         return answer
 
     def close(self) -> None:
