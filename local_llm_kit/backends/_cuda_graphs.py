@@ -45,7 +45,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-__all__ = ["BUCKETS", "GraphInputs", "StaticSlot", "WindowedLayer", "static_layout_problem", "window_for"]
+__all__ = ["BUCKETS", "GraphInputs", "StaticSlot", "WindowedLayer", "bucket_for", "static_layout_problem", "window_for"]
 
 logger = logging.getLogger(__name__)
 
