@@ -9,11 +9,12 @@ with one launch: with graphs that ratio is 0.24x at ~1,500 history tokens, and a
 3.0 ms instead of 21 (``gpu.md``, ``gpu_graphs_off.md``: the same H200, a minute apart).
 
 How. A graph replays fixed shapes at fixed addresses, so each slot keeps its keys and values in a
-``transformers.StaticCache`` of ``n_ctx + max(BUCKETS)`` positions, allocated once. A forward of
-``n`` new tokens at cache position ``start`` is padded to the next bucket size ``b`` (1, 2, 4, ...,
-128): its ids, and positions ``start .. start + b - 1``. The padding writes keys and values past the
-real tokens; causal masking keeps every real query from reading them (each reads positions up to
-its own), and the next forward writes its own tokens over them. For the same reason trimming the
+``transformers.StaticCache`` of ``n_ctx + max(BUCKETS)`` positions, allocated whole at the slot's
+first pass. A forward of ``n`` new tokens at cache position ``start`` is padded to the next
+bucket size ``b`` (1, 2, 4, ..., 128): its ids, and positions ``start .. start + b - 1``. The
+padding writes keys and values past the real tokens; causal masking keeps every real query from
+reading them (each reads positions up to its own), and the next forward writes its own tokens over
+them. For the same reason trimming the
 cache is free: the slot's length is where the next forward starts, and nothing past it is ever
 read before it is written again. The first forward of a bucket on a slot runs eagerly (on a side
 stream, as the warm-up CUDA graphs need; its logits are that call's answer), then its graph is
