@@ -14,17 +14,18 @@ first pass. A forward of ``n`` new tokens at cache position ``start`` is padded 
 bucket size ``b`` (1, 2, 4, ..., 128): its ids, and positions ``start .. start + b - 1``. The
 padding writes keys and values past the real tokens; causal masking keeps every real query from
 reading them (each reads positions up to its own), and the next forward writes its own tokens over
-them. For the same reason trimming the
-cache is free: the slot's length is where the next forward starts, and nothing past it is ever
-read before it is written again. The first forward of a bucket on a slot runs eagerly (on a side
-stream, as the warm-up CUDA graphs need; its logits are that call's answer), then its graph is
-captured; later forwards of that bucket copy their ids and start position into the graph's input
-buffer and replay. Forwards longer than the largest bucket (prefills) run eagerly on the same cache.
+them. For the same reason trimming the cache is free: the slot's length is where the next forward
+starts, and nothing past it is ever read before it is written again. The first forward of a bucket
+on a slot runs eagerly (on a side stream, as the warm-up CUDA graphs need; its logits are that
+call's answer), then its graph is captured; later forwards of that bucket copy their ids, start
+position and last token's index into the graph's input buffer and replay. A graph for ``forward``
+computes the last real token's logits only; one for ``forward_all``, every padded position's.
+Forwards longer than the largest bucket (prefills) run eagerly on the same cache.
 
 A pass attends only a window of the cache, not all of it: attention costs what it reads, and a
 short conversation in a 4,096-token cache would read 4,224 positions for every token. A graph's
 window is the smallest power of two from 256 that holds the pass (at most the capacity): graphs
-are captured per (bucket, window), at most twice the keys read. An eager pass reads exactly up
+are captured per (bucket, window, last row only), at most twice the keys read. An eager pass reads exactly up
 to its end. (Attending the whole cache, warm/cold TTFT was 0.33x instead of 0.24x.)
 
 Each layer's ``cumulative_length`` (a device tensor in transformers' ``StaticLayer``, from which the
