@@ -39,6 +39,11 @@ Sections (each one is wrapped: a failure is recorded and the others still run an
 
 Results: benchmarks/results/gpu.json, gpu.md, gpu.profile.txt (also copied to ``--copy-to``).
 Dry run on a CPU: ``python benchmarks/bench_gpu.py --tiny --device cpu --dtype float32``.
+The tokenizer files come from SmolLM2 converted for transformers (``tokenizer.json``,
+``tokenizer_config.json``, ``chat_template.jinja``, ``generation_config.json`` from
+``$LOCAL_LLM_KIT_CACHE_DIR/transformers/<hash>/`` after loading it with ``backend="transformers"``),
+copied to ``.gpu/smollm2-tok`` (git-ignored locally) so that they travel to a GPU machine.
+``--cuda-graphs off`` measures the eager passes for comparison.
 """
 
 from __future__ import annotations
