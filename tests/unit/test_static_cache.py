@@ -128,6 +128,17 @@ def test_refuses_what_does_not_fit(model: Any) -> None:
         _close(slot.forward(tail, 200, 100), reference.forward(tail))
 
 
+def test_a_padded_pass_at_the_end_of_the_context_writes_into_the_margin(model: Any) -> None:
+    """A slot holds n_ctx + the largest bucket: the padding of a pass ending at n_ctx fits."""
+    n_ctx = 300
+    slot, reference = _slot(model, capacity=n_ctx + max(BUCKETS)), Reference(model)
+    ids = _ids(n_ctx, 8)
+    with torch.inference_mode():
+        _close(slot.forward(ids[:290], 0, 1), reference.forward(ids[:290])[-1:])
+        _close(slot.forward(ids[290:], 290, 10), reference.forward(ids[290:]))  # bucket 16: up to 306
+    assert slot.graphs == (1 if model.device.type == "cuda" else 0)  # padded (and captured), not eager
+
+
 def test_only_full_attention_models_qualify(model: Any) -> None:
     """A sliding-window static layer is a ring buffer, which padding would write over."""
 
