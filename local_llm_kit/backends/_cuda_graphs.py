@@ -153,8 +153,9 @@ def _padded_attention(device: torch.device) -> contextlib.AbstractContextManager
 
     A padded pass attends all ``capacity`` keys under a mask, which flash attention does not
     take. On an H200 (one query, 4,224 keys, 32 heads over 8 KV heads, bfloat16) torch's
-    memory-efficient kernel took 269 us per layer and the math kernel 282, cuDNN's 62
-    (``benchmarks/bench_sdpa_static.py``); the efficient kernel was 62% of a warm turn's GPU time.
+    memory-efficient kernel took 244 us per layer, the math kernel 193 and cuDNN's 62.5
+    (``benchmarks/results/sdpa_static.txt``); the efficient kernel was 62% of a warm turn's GPU
+    time, and the math kernel, which computes in float32, was slower still for 9 to 128 queries.
     cuDNN plans each new (query, key) shape, which eager passes of a growing conversation pay
     at every step (see ``_attention_kernels`` in the backend); a padded pass has one shape per
     bucket, planned in the eager pass that precedes its graph's capture. Where cuDNN declines a
@@ -171,11 +172,10 @@ class StaticSlot:
     """One KV-cache slot: a static cache of ``capacity`` positions and its captured graphs.
 
     With ``inputs`` on a device other than CUDA, short passes are padded to their bucket and run
-    eagerly, without graphs: how the padding is tested without a GPU. With ``inputs=None`` every
-    pass runs eagerly, unpadded.
+    eagerly, without graphs: how the padding is tested without a GPU.
     """
 
-    def __init__(self, model: Any, cache_kwarg: str, capacity: int, inputs: GraphInputs | None) -> None:
+    def __init__(self, model: Any, cache_kwarg: str, capacity: int, inputs: GraphInputs) -> None:
         self._model = model
         self._cache_kwarg = cache_kwarg
         self._cache: Any = StaticCache(config=model.config, max_cache_len=capacity)
@@ -188,7 +188,7 @@ class StaticSlot:
 
     @property
     def graphs(self) -> int:
-        """Graphs captured so far (one per bucket used)."""
+        """Graphs captured so far (one per bucket, window and row choice used)."""
         return len(self._graphs)
 
     def forward(self, tokens: Sequence[int], start: int, rows: int) -> torch.Tensor:
@@ -201,11 +201,10 @@ class StaticSlot:
             raise ValueError(f"rows must be in 1..{n}, not {rows}")
         if start + n > self.capacity:
             raise ValueError(f"{start + n} positions do not fit a static cache of {self.capacity}")
-        size = bucket_for(n) if self._inputs is not None and self._initialized() else None
+        size = bucket_for(n) if self._initialized() else None
         if size is None or start + size > self.capacity:
             return self._eager(tokens, start, rows)
         inputs = self._inputs
-        assert inputs is not None  # a bucket is only chosen with inputs
         buffer = inputs.load(size, tokens, start)
         key = (size, window_for(start + size, self.capacity), rows == 1)
         captured = self._graphs.get(key)
@@ -252,7 +251,7 @@ class StaticSlot:
     def _capture(self, key: tuple[int, int, bool], buffer: torch.Tensor) -> torch.Tensor:
         """Run the bucket's pass eagerly on a side stream (the answer), then capture its graph."""
         inputs = self._inputs
-        assert inputs is not None and inputs.pool is not None
+        assert inputs.pool is not None  # graphs are captured only on CUDA
         side = torch.cuda.Stream(device=inputs.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(inputs.device))
         with torch.cuda.stream(side):
