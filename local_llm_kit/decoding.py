@@ -243,12 +243,14 @@ def generate(
                 draft = draft[:constraint.valid_prefix(draft)]
             started = time.perf_counter()
             if draft:
-                rows = backend.forward_all([*pending, *draft])
-                logits = rows[len(pending) - 1]
-                verified.hold(draft, rows[len(pending):])
+                # Rows for the last pending token (the logits of this step) and each drafted one.
+                rows = backend.forward_all([*pending, *draft], rows=len(draft) + 1)
+                logits = rows[0]
+                verified.hold(draft, rows[1:])
             else:
                 logits = backend.forward(pending)
-            if lookup is not None:
+            # Forced tokens without a draft make a pass that returns one row: not a size speculation picks.
+            if lookup is not None and (draft or len(pending) == 1):
                 lookup.costs.record(len(pending) + len(draft), time.perf_counter() - started)
 
 

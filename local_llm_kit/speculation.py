@@ -1,4 +1,4 @@
-"""Prompt-lookup drafting: guess the next tokens by finding the latest n-gram again in the text.
+"""Prompt-lookup drafting: guess the next tokens by finding the end of the text earlier in it.
 
 Agent and RAG replies often copy spans of their input: tool arguments built from the question,
 quoted passages, JSON filled from a document. When the last few tokens of the sequence (prompt
@@ -8,7 +8,7 @@ just chosen and keeps the longest prefix the sampler would have produced anyway,
 exactly the one decoding without drafts gives (see :func:`local_llm_kit.decoding.generate`); only
 the number of forward passes changes.
 
-No draft model, no training: the cost is a vectorized n-gram search per step (tens of
+No draft model, no training: the cost is a vectorized match search per step (tens of
 microseconds over a few thousand tokens) and the rejected tokens of each verification pass, which
 are only verified where the engine's measured pass costs say they pay (:class:`PassCosts`).
 """
@@ -28,9 +28,13 @@ __all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "PassCosts", "PromptLooku
 DEFAULT_DRAFT_TOKENS = 8
 """Longest draft verified in one pass by default (``prompt_lookup=True``)."""
 MAX_DRAFT_TOKENS = 64
-NGRAM_SIZES = (3, 2)
-"""n-gram lengths matched, longest first. Single tokens match everywhere in free text and their
+MIN_MATCH = 2
+"""Fewest tokens a match must have. Single tokens match everywhere in free text and their
 continuations are mostly wrong, so they are not used."""
+MAX_MATCH = 16
+"""Longest match sought: past it, the latest occurrence is taken."""
+MATCH_CLASSES = (MIN_MATCH, 4, 8)
+"""Lower bounds of the match lengths whose acceptance is learned apart: 2 to 3, 4 to 7, 8 and more."""
 
 
 @dataclass
@@ -45,49 +49,81 @@ class SpeculationStats:
 
 
 class PassCosts:
-    """What a decode-loop forward pass costs on one loaded model: seconds for one position, and
-    seconds for each extra position, learned from the passes timed so far (moving averages).
+    """What a decode-loop forward pass costs on one loaded model, as a function of the positions
+    it evaluates: seconds per pass for each pass size timed so far (moving averages), read as a
+    multiple of a one-position decode step (:meth:`shares`).
 
-    Engines differ by an order of magnitude here. On a GPU, or a CPU with wide vector units and
-    spare cores, a pass of nine positions costs little more than one, so long drafts pay even
-    when most of their tokens are rejected. On a small CPU (llama.cpp on two cores, measured
-    for this project) each extra position costs about 0.45 of a whole pass, so a draft pays only
-    where most of it is accepted: free text then decodes as fast as without speculation.
+    Engines differ by an order of magnitude here, and not only in level but in shape. On a GPU a
+    pass of nine positions costs little more than one, so long drafts pay even when most of
+    their tokens are rejected. llama.cpp on a small CPU has a concave curve: on a 2-core AMD
+    EPYC with SmolLM2 and 2 threads, passes of 2, 4 and 9 positions cost 1.9, 2.5 and 4.1 decode
+    steps, so a second position is dear and each one after it cheap, and only long drafts that
+    are mostly right pay. A straight line through one measured size misjudges every other size,
+    which is why each size is timed on its own. A size not timed yet is interpolated between its
+    timed neighbours; past the largest timed size each position is assumed to cost
+    :attr:`PRIOR_EXTRA`, an optimistic guess that gets a longer draft tried once, and so timed.
     """
 
     PRIOR_EXTRA = 0.25
-    """Extra-position cost (a share of one pass) assumed until a verification pass was timed:
-    low enough that drafts are tried, so that their cost gets measured."""
+    """Cost of a position past the largest pass timed so far, as a share of a one-position pass."""
     WEIGHT = 0.1
 
     def __init__(self) -> None:
-        self.single: float | None = None
-        self.extra: float | None = None
+        self._seconds: dict[int, float] = {}
 
     def record(self, positions: int, seconds: float) -> None:
-        if positions <= 1:
-            self.single = _average(self.single, seconds, self.WEIGHT)
-        elif self.single is not None:
-            per_position = max(0.0, seconds - self.single) / (positions - 1)
-            self.extra = _average(self.extra, per_position, self.WEIGHT)
+        """Time a pass: a one-position decode step, or a verification of ``positions`` positions
+        that returned logits for each (not a multi-position pass that returned only the last)."""
+        self._seconds[positions] = _average(self._seconds.get(positions), seconds, self.WEIGHT)
+
+    def shares(self, positions: int) -> list[float]:
+        """Cost of a pass of 1, 2, ... ``positions`` positions, each as a multiple of a one-position
+        pass; never decreasing (a pass does not get cheaper by evaluating more)."""
+        single = self._seconds.get(1)
+        if not single:
+            return [1.0 + self.PRIOR_EXTRA * n for n in range(positions)]
+        timed = sorted(p for p in self._seconds if p > 1)
+        anchor, anchor_share = 1, 1.0
+        out = [1.0]
+        following = 0  # index in ``timed`` of the first timed size above the anchor
+        for size in range(2, positions + 1):
+            while following < len(timed) and timed[following] < size:
+                following += 1
+            if following < len(timed) and timed[following] == size:
+                anchor, anchor_share = size, max(anchor_share, self._seconds[size] / single)
+                out.append(anchor_share)
+                continue
+            if following < len(timed):
+                above = timed[following]
+                above_share = max(anchor_share, self._seconds[above] / single)
+                out.append(anchor_share + (above_share - anchor_share) * (size - anchor) / (above - anchor))
+            else:
+                out.append(anchor_share + self.PRIOR_EXTRA * (size - anchor))
+        return out
 
     @property
     def extra_share(self) -> float:
-        """The cost of one more position in a pass, as a share of a one-position pass."""
-        if not self.single or self.extra is None:
-            return self.PRIOR_EXTRA
-        return self.extra / self.single
+        """A summary for reports: the mean cost of each drafted position in a pass verifying a
+        default-length draft, as a share of a one-position pass."""
+        return (self.shares(DEFAULT_DRAFT_TOKENS + 1)[-1] - 1.0) / DEFAULT_DRAFT_TOKENS
 
 
 class PromptLookup:
     """Drafts continuations of one generation's token sequence from that sequence itself.
 
+    The draft is what followed the earlier occurrence that matches the sequence's end the
+    longest (:meth:`continuation`). How long that match is says a lot about the draft: when the
+    reply is copying a span, the last dozen tokens occur earlier and what followed them is
+    nearly always right; a match of two or three tokens is a common phrase, and its continuation
+    mostly wrong. (SmolLM2 on the project's copying tasks: drafts after a match of 7 or more
+    tokens were kept at 88 to 100%, after 2 or 3 tokens at 12 to 34%.) So acceptance is learned per class
+    of match length (:data:`MATCH_CLASSES`), from this generation's own drafts.
+
     How much of a continuation to verify is a cost decision (:meth:`draft`): the expected tokens a
-    pass yields (one, plus the draft's expected accepted prefix, from the acceptance rate seen so
-    far in this generation) against what the pass costs on this engine (:class:`PassCosts`). A
-    draft no length of which beats plain decoding is not verified; its first token is still
-    compared with the token the step then chooses, so the acceptance rate keeps being learned for
-    free and drafting resumes when the reply starts copying.
+    pass yields (one, plus the draft's expected accepted prefix) against what a pass of that size
+    costs on this engine (:class:`PassCosts`). A draft no length of which beats plain decoding is
+    not verified; its first token is still compared with the token the step then chooses, so
+    acceptance keeps being learned for free and drafting resumes when the reply starts copying.
     """
 
     stats: SpeculationStats | None = None
@@ -97,6 +133,9 @@ class PromptLookup:
     """Weight left to earlier acceptance observations at each new one: about the last ten count."""
     MIN_GAIN = 1.05
     """Expected tokens per unit of pass cost a draft must reach (plain decoding: 1)."""
+    PRIORS = ((1.0, 1.0), (1.0, 1.0), (3.0, 1.0))
+    """(kept, rejected) pseudo-counts each match class starts from: one half for short matches,
+    three quarters for long ones, until this generation's drafts say otherwise."""
 
     def __init__(self, prompt: Sequence[int], max_tokens: int = DEFAULT_DRAFT_TOKENS,
                  costs: PassCosts | None = None) -> None:
@@ -104,7 +143,9 @@ class PromptLookup:
             raise ValueError(f"a draft needs at least one token, not {max_tokens}")
         self.max_tokens = max_tokens
         self.costs = costs if costs is not None else PassCosts()
-        self._hits, self._misses = 1.0, 1.0  # an acceptance rate of one half until observed
+        self._hits = [hits for hits, _ in self.PRIORS]
+        self._misses = [misses for _, misses in self.PRIORS]
+        self._class = 0  # the match class of the latest draft
         self._guess: int | None = None
         self._buffer = np.zeros(max(64, 2 * len(prompt)), dtype=np.int64)
         self._size = 0
@@ -116,8 +157,9 @@ class PromptLookup:
 
     @property
     def acceptance(self) -> float:
-        """The estimated chance that the next drafted token is the one chosen."""
-        return self._hits / (self._hits + self._misses)
+        """The estimated chance that a drafted token is the one chosen, for the latest draft's
+        class of match length."""
+        return self._hits[self._class] / (self._hits[self._class] + self._misses[self._class])
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Append tokens that are now part of the sequence (the prompt, then each step's tokens)."""
@@ -133,12 +175,12 @@ class PromptLookup:
         self._size = end
 
     def draft(self, limit: int) -> list[int]:
-        """The tokens worth verifying next: a prefix of what followed the latest earlier occurrence
-        of the sequence's last n-gram, at most ``limit``; empty when there is no such occurrence or
-        no draft is expected to beat decoding one token per pass."""
-        continuation = self.continuation(min(limit, self.max_tokens))
+        """The tokens worth verifying next: a prefix of :meth:`continuation`, at most ``limit``;
+        empty when there is none or no draft is expected to beat decoding one token per pass."""
+        continuation, matched = self._lookup(min(limit, self.max_tokens))
         if not continuation:
             return []
+        self._class = _match_class(matched)
         length = self._worth(len(continuation))
         if length == 0:
             self._guess = continuation[0]
@@ -147,32 +189,40 @@ class PromptLookup:
         return continuation[:length]
 
     def continuation(self, limit: int) -> list[int]:
-        """Up to ``limit`` tokens that followed the latest earlier occurrence of the last n-gram."""
-        if limit < 1:
-            return []
+        """Up to ``limit`` tokens that followed the earlier occurrence of the longest suffix of the
+        sequence (at least :data:`MIN_MATCH` tokens) that occurs earlier; the latest such one."""
+        return self._lookup(limit)[0]
+
+    def _lookup(self, limit: int) -> tuple[list[int], int]:
+        """The continuation, and how many tokens its match is long (0: none)."""
+        if limit < 1 or self._size <= MIN_MATCH:
+            return [], 0
         history = self._buffer[:self._size]
-        for n in NGRAM_SIZES:
-            if self._size <= n:
-                continue
-            tail = history[-n:]
-            # Candidate starts: where the n-gram's first token occurs, excluding the tail itself.
-            starts = np.flatnonzero(history[:-n] == tail[0])
-            for offset in range(1, n):
-                starts = starts[history[starts + offset] == tail[offset]]
-            if starts.size:
-                begin = int(starts[-1]) + n  # the latest match: the most relevant context
-                return history[begin:begin + limit].tolist()  # type: ignore[no-any-return]
-        return []
+        # ``ends``: where an earlier occurrence of the sequence's last ``length`` tokens ends
+        # (exclusive), so that what followed it starts there; grown a token at a time.
+        ends = np.flatnonzero(history[:-1] == history[-1]) + 1
+        length = 1
+        while length < MAX_MATCH:
+            longer = ends[ends > length]
+            longer = longer[history[longer - length - 1] == history[-length - 1]]
+            if not longer.size:
+                break
+            ends, length = longer, length + 1
+        if length < MIN_MATCH:
+            return [], 0
+        begin = int(ends[-1])  # the latest of the longest matches: the most relevant context
+        return history[begin:begin + limit].tolist(), length
 
     def _worth(self, available: int) -> int:
         """The draft length with the most expected tokens per unit of pass cost; 0 if none pays."""
-        p, extra = self.acceptance, self.costs.extra_share
+        p = self.acceptance
+        shares = self.costs.shares(available + 1)  # a pass verifies the chosen token and the draft
         best_length, best_gain = 0, self.MIN_GAIN
         expected, run = 0.0, 1.0
         for length in range(1, available + 1):
             run *= p  # the chance that the first ``length`` drafted tokens are all kept
             expected += run
-            gain = (1.0 + expected) / (1.0 + extra * length)
+            gain = (1.0 + expected) / shares[length]
             if gain > best_gain:
                 best_length, best_gain = length, gain
         return best_length
@@ -191,13 +241,19 @@ class PromptLookup:
             self._observe(False, 1)  # the tokens after the first rejected one tell nothing
 
     def _observe(self, hit: bool, count: int) -> None:
+        c = self._class
         decay = self.DECAY ** count
-        self._hits *= decay
-        self._misses *= decay
+        self._hits[c] *= decay
+        self._misses[c] *= decay
         if hit:
-            self._hits += (1.0 - decay) / (1.0 - self.DECAY)  # ``count`` hits, each decayed in turn
+            self._hits[c] += (1.0 - decay) / (1.0 - self.DECAY)  # ``count`` hits, each decayed in turn
         else:
-            self._misses += 1.0
+            self._misses[c] += 1.0
+
+
+def _match_class(length: int) -> int:
+    """The index in :data:`MATCH_CLASSES` of the class a match of ``length`` tokens falls in."""
+    return sum(length >= bound for bound in MATCH_CLASSES) - 1
 
 
 def _average(current: float | None, value: float, weight: float) -> float:

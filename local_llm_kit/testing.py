@@ -119,8 +119,11 @@ class FakeBackend(Backend):
         last: np.ndarray = self._evaluate(tokens, all_positions=False)[-1]
         return last
 
-    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
-        return self._evaluate(tokens, all_positions=True)
+    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
+        wanted = len(tokens) if rows is None else rows
+        if not 1 <= wanted <= len(tokens):
+            raise ValueError(f"rows must be in 1..{len(tokens)}, not {rows}")
+        return self._evaluate(tokens, all_positions=True)[len(tokens) - wanted:]
 
     def _evaluate(self, tokens: Sequence[int], *, all_positions: bool) -> np.ndarray:
         if not tokens:
@@ -197,9 +200,8 @@ class FixedPassCosts(PassCosts):
     def record(self, positions: int, seconds: float) -> None:
         return None
 
-    @property
-    def extra_share(self) -> float:
-        return self._share
+    def shares(self, positions: int) -> list[float]:
+        return [1.0 + self._share * n for n in range(positions)]
 
 
 def fake_client(reply: Reply = "Hello!", *, backend: FakeBackend | None = None, asynchronous: bool = False,

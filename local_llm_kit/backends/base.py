@@ -179,12 +179,15 @@ class Backend(abc.ABC):
         position's logits are computed. On success ``cached_tokens`` grows by ``tokens``.
         """
 
-    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
-        """Like :meth:`forward`, but return the logits of every position of ``tokens``.
+    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
+        """Like :meth:`forward`, but return the logits of the last ``rows`` positions of ``tokens``
+        (all of them when ``rows`` is None).
 
-        A float32 array of shape ``(len(tokens), info.n_vocab)`` owned by the caller (not a view
-        of an engine buffer: the decode loop keeps rows across steps). Row ``i`` predicts the token
-        after ``tokens[i]``. Speculative decoding verifies a draft with one such pass; an engine
+        A float32 array of shape ``(rows, info.n_vocab)`` owned by the caller (not a view of an
+        engine buffer: the decode loop keeps rows across steps). Row ``i`` predicts the token after
+        ``tokens[len(tokens) - rows + i]``. Only those positions' logits are computed: with a
+        large vocabulary the output layer is much of a pass (Gemma 3: 262k entries). Speculative
+        decoding verifies a draft with one such pass; an engine
         that cannot compute several positions at once leaves this unimplemented, and speculation
         is then refused for it (see :attr:`verifies_drafts`).
         """
@@ -269,9 +272,9 @@ class SlotView(Backend):
         self.backend.use_slot(self.index)
         return self.backend.forward(tokens)
 
-    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
         self.backend.use_slot(self.index)
-        return self.backend.forward_all(tokens)
+        return self.backend.forward_all(tokens, rows)
 
     @property
     def verifies_drafts(self) -> bool:

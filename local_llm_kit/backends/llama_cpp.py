@@ -191,22 +191,25 @@ class LlamaCppBackend(Backend):
         return self._llg
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
-        self._decode(tokens, all_logits=False)
+        self._decode(tokens, rows=1)
         pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         # A view of llama.cpp's own buffer, not a copy (1 MB per token for a 262k vocabulary):
         # the decode loop is done with it, masking in place included, before the next forward.
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
-    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
-        n = self._decode(tokens, all_logits=True)  # one batch: every position's outputs, in order
+    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
+        wanted = len(tokens) if rows is None else rows
+        if not 1 <= wanted <= len(tokens):
+            raise ValueError(f"rows must be in 1..{len(tokens)}, not {rows}")
+        self._decode(tokens, rows=wanted)  # one batch: the last ``wanted`` positions' outputs, in order
         pointer = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(pointer, shape=(n, self._n_vocab)).copy()  # rows outlive the next decode
+        return np.ctypeslib.as_array(pointer, shape=(wanted, self._n_vocab)).copy()  # rows outlive the next decode
 
-    def _decode(self, tokens: Sequence[int], *, all_logits: bool) -> int:
-        """Evaluate ``tokens`` in batches; return how many positions of the last batch have logits."""
+    def _decode(self, tokens: Sequence[int], *, rows: int) -> None:
+        """Evaluate ``tokens`` in batches, computing logits for the last ``rows`` positions."""
         if not tokens:
             raise ValueError("forward needs at least one token")
-        if all_logits and len(tokens) > self._n_batch:  # earlier batches' logits would be gone
+        if rows > 1 and len(tokens) > self._n_batch:  # earlier batches' logits would be gone
             raise ValueError(f"forward_all evaluates at most {self._n_batch} tokens at once, not {len(tokens)}")
         cached = self._cached
         n_past = len(cached)
@@ -218,13 +221,14 @@ class LlamaCppBackend(Backend):
             for start in range(0, len(tokens), self._n_batch):
                 chunk = tokens[start:start + self._n_batch]
                 n = len(chunk)
+                first_output = n - rows  # a position before it gets no logits (only the last batch has any)
                 for i, token in enumerate(chunk):
                     batch.token[i] = token
                     batch.pos[i] = n_past + i
                     batch.seq_id[i][0] = seq
                     batch.n_seq_id[i] = 1
-                    batch.logits[i] = all_logits
-                batch.logits[n - 1] = True  # usually only the last position's logits are computed
+                    batch.logits[i] = i >= first_output
+                batch.logits[n - 1] = True
                 batch.n_tokens = n
                 rc = llama_cpp.llama_decode(self._ctx, batch)
                 if rc != 0:
@@ -237,7 +241,6 @@ class LlamaCppBackend(Backend):
             # the KV cache holds the batch but the backend has not recorded it.
             self._reset_cache()
             raise
-        return n if all_logits else 1
 
     def _reset_cache(self) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, self._slot, 0, -1)

@@ -277,8 +277,8 @@ class TransformersBackend(Backend):
         logits = self._evaluate(tokens, 1)
         return np.asarray(logits[-1].to(device="cpu", dtype=torch.float32).numpy())
 
-    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
-        logits = self._evaluate(tokens, len(tokens))
+    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
+        logits = self._evaluate(tokens, _rows(tokens, rows))
         return np.asarray(logits.to(device="cpu", dtype=torch.float32).numpy())
 
     def _evaluate(self, tokens: Sequence[int], rows: int) -> Any:
@@ -373,6 +373,13 @@ class TransformersBackend(Backend):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+
+
+def _rows(tokens: Sequence[int], rows: int | None) -> int:
+    wanted = len(tokens) if rows is None else rows
+    if not 1 <= wanted <= max(1, len(tokens)):
+        raise ValueError(f"rows must be in 1..{len(tokens)}, not {rows}")
+    return wanted
 
 
 def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from local_llm_kit import LLMClient
@@ -110,3 +111,21 @@ def test_seeded_sampling_is_reproducible_with_prompt_lookup(exact_smol: LLMClien
     first, second = reply(exact_smol, copies=True, **params), reply(exact_smol, **params)
     assert first == second
     assert first["tokens"] > 8
+
+
+def test_a_verification_pass_returns_the_rows_asked_for(exact_smol: LLMClient) -> None:
+    # The decode loop asks only for the rows it reads (the step's and the draft's), so that a
+    # pass also feeding forced tokens does not compute their logits; they must be the same rows.
+    backend = exact_smol.engine.backend
+    tokens = backend.tokenize(PASSAGE)
+    backend.clear_cache()
+    every = backend.forward_all(tokens)
+    backend.clear_cache()
+    last = backend.forward_all(tokens, rows=3)
+    assert every.shape == (len(tokens), backend.info.n_vocab) and last.shape == (3, backend.info.n_vocab)
+    np.testing.assert_allclose(last, every[-3:], rtol=0, atol=1e-3)
+    assert list(last.argmax(axis=1)) == list(every[-3:].argmax(axis=1))
+    backend.clear_cache()
+    with pytest.raises(ValueError, match="rows"):
+        backend.forward_all(tokens[:4], rows=5)
+    assert backend.cached_tokens == []  # refused before anything was evaluated

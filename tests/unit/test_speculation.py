@@ -39,11 +39,14 @@ def run(client: Any, **params: Any) -> tuple[str, list[str]]:
 
 
 # -- drafting ----------------------------------------------------------------------------------------
-def test_a_continuation_follows_the_latest_occurrence_of_the_last_ngram() -> None:
+def test_a_continuation_follows_the_longest_match_of_the_sequence_end() -> None:
     lookup = PromptLookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 1, 2], max_tokens=8)
     assert lookup.continuation(8) == [3, 7, 8, 6, 1, 2]  # the latest "1 2" was followed by 3 7 8 6 1 2
     lookup.extend([3])
     assert lookup.continuation(2) == [7, 8]
+    # "9 1 2 3" occurs once, earlier than the latest "1 2 3": the longer match wins.
+    lookup = PromptLookup([9, 1, 2, 3, 4, 5, 1, 2, 3, 6, 9, 1, 2, 3], max_tokens=8)
+    assert lookup.continuation(3) == [4, 5, 1]
 
 
 def test_no_draft_without_a_repeated_ngram_or_room() -> None:
@@ -57,20 +60,27 @@ def copy_prompt() -> list[int]:
     return list(range(50)) + list(range(10))  # "0 1 ... 9" again: the continuation is 10 11 12 ...
 
 
-def test_where_extra_positions_are_nearly_free_drafts_grow_to_the_cap() -> None:
+def phrase_prompt() -> list[int]:
+    return [5, 6, 7, 1, 2, *range(10, 30), 8, 1, 2]  # only "1 2" recurs: a short match
+
+
+def test_where_extra_positions_are_nearly_free_drafts_run_to_the_cap() -> None:
     lookup = PromptLookup(copy_prompt(), max_tokens=8, costs=FixedPassCosts(extra_share=0.02))
-    assert lookup.draft(100) == list(range(10, 14))  # an acceptance of one half already pays for 4
-    lookup.feedback(4, 4)
-    lookup.extend(list(range(10, 15)))
-    assert lookup.draft(100) == list(range(15, 23))  # all kept: the cap
+    assert lookup.draft(100) == list(range(10, 18))
     assert len(lookup.draft(5)) == 5  # never past the room left
+    short = PromptLookup(phrase_prompt(), max_tokens=8, costs=FixedPassCosts(extra_share=0.02))
+    assert short.draft(100) == list(range(10, 14))  # an acceptance of one half still pays for 4
 
 
-def test_where_extra_positions_are_dear_a_draft_waits_for_evidence_of_copying() -> None:
+def test_where_extra_positions_are_dear_only_a_long_match_is_verified_at_first() -> None:
+    costs = FixedPassCosts(extra_share=0.45)
+    assert PromptLookup(phrase_prompt(), max_tokens=8, costs=costs).draft(100) == []
+    assert PromptLookup(copy_prompt(), max_tokens=8, costs=costs).draft(100) == [10, 11]
+
+
+def test_acceptance_is_learned_from_drafts() -> None:
     lookup = PromptLookup(copy_prompt(), max_tokens=8, costs=FixedPassCosts(extra_share=0.45))
-    assert lookup.draft(100) == []  # an acceptance of one half does not pay on such an engine
-    lookup.extend([10])  # the declined guess is still checked against the token chosen, for free
-    sequence = 11
+    sequence = 10
     for _ in range(4):  # each accepted draft raises the estimate, and the next draft is longer
         draft = lookup.draft(100)
         assert draft and draft[0] == sequence
@@ -83,6 +93,28 @@ def test_where_extra_positions_are_dear_a_draft_waits_for_evidence_of_copying() 
     assert lookup.draft(100) == []  # rejected again and again: back to plain decoding
 
 
+def test_a_declined_guess_is_still_checked_against_the_token_chosen() -> None:
+    lookup = PromptLookup(phrase_prompt(), max_tokens=8, costs=FixedPassCosts(extra_share=0.45))
+    declined = 0
+    while not lookup.draft(100):
+        declined += 1
+        assert declined <= 6, "right guesses never made a draft worth verifying"
+        lookup.extend([10])  # the guess was right ...
+        lookup.extend([100 + declined, 8, 1, 2])  # ... and the sequence ends in a short match again
+    assert declined >= 1 and lookup.draft(100)[0] == 10
+
+
+def test_acceptance_of_short_matches_does_not_hold_back_long_ones() -> None:
+    copied = [*range(40, 60), *range(50, 59)]  # ends in a match of 9 tokens
+    assert PromptLookup(copied, max_tokens=8, costs=FixedPassCosts(extra_share=0.45)).draft(100) == [59, 50]
+    lookup = PromptLookup(phrase_prompt(), max_tokens=8, costs=FixedPassCosts(extra_share=0.45))
+    for i in range(6):
+        assert lookup.draft(100) == []
+        lookup.extend([200 + i, 8, 1, 2])  # each short-match guess was wrong
+    lookup.extend(copied)
+    assert lookup.draft(100) == [59, 50]  # its own class's estimate: still the prior
+
+
 def test_pass_costs_learn_the_share_of_an_extra_position() -> None:
     costs = PassCosts()
     assert costs.extra_share == PassCosts.PRIOR_EXTRA  # nothing timed yet
@@ -90,6 +122,22 @@ def test_pass_costs_learn_the_share_of_an_extra_position() -> None:
         costs.record(1, 0.010)
         costs.record(9, 0.010 + 8 * 0.004)
     assert costs.extra_share == pytest.approx(0.4, rel=0.02)
+
+
+def test_pass_costs_are_learned_per_pass_size() -> None:
+    costs = PassCosts()
+    assert costs.shares(3) == pytest.approx([1.0, 1.25, 1.5])  # nothing timed: the prior
+    costs.record(1, 0.010)
+    costs.record(2, 0.019)  # a concave curve, as llama.cpp's on a small CPU: the second position
+    costs.record(9, 0.041)  # is dear, each one after it cheap
+    shares = costs.shares(12)
+    assert shares[1] == pytest.approx(1.9)
+    assert shares[4] == pytest.approx(1.9 + (4.1 - 1.9) * 3 / 7)  # 5 positions: between 2 and 9
+    assert shares[8] == pytest.approx(4.1)
+    assert shares[11] == pytest.approx(4.1 + 3 * PassCosts.PRIOR_EXTRA)  # past what was timed: optimistic
+    costs.record(5, 0.012)  # noise: a bigger pass timed cheaper than a smaller one ...
+    assert costs.shares(5)[4] == pytest.approx(1.9)  # ... is not believed
+    assert costs.shares(12) == sorted(costs.shares(12))
 
 
 @pytest.mark.parametrize(("value", "expected"), [(True, DEFAULT_DRAFT_TOKENS), (False, 0), (0, 0), (5, 5)])
@@ -221,3 +269,43 @@ def test_verified_rows_are_the_logits_a_plain_pass_gives() -> None:
     for i, token in enumerate(b" is: The"):
         expected = backend.forward([token])
         np.testing.assert_array_equal(rows[i], expected)
+
+
+class _RecordingCosts(FixedPassCosts):
+    def __init__(self) -> None:
+        super().__init__(extra_share=0.0)
+        self.timed: list[int] = []
+
+    def record(self, positions: int, seconds: float) -> None:
+        self.timed.append(positions)
+
+
+class _PassLog(FakeBackend):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.passes: list[tuple[str, int]] = []
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        self.passes.append(("last row", len(tokens)))
+        return super().forward(tokens)
+
+    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
+        self.passes.append(("all rows", len(tokens)))
+        return super().forward_all(tokens, rows)
+
+
+def test_the_cost_model_times_single_steps_and_verifications_only() -> None:
+    # A pass of forced tokens returns only its last row: timing it as a verification of that
+    # size would make drafts of that size look cheaper than they are.
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "quote": {"type": "string"}},
+              "required": ["name", "quote"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "q", "schema": schema}}
+    backend = _PassLog(reply=f'{{"name": "Stevenson", "quote": "{PASSAGE}"}}')
+    client = fake_client(backend=backend, temperature=0, prompt_lookup=True)
+    client.engine.pass_costs = costs = _RecordingCosts()
+    client.chat.completions.create(messages=ASK, response_format=fmt)
+    in_loop = backend.passes[1:]  # after the prefill
+    assert ("all rows", 1) not in in_loop
+    assert any(kind == "last row" and n > 1 for kind, n in in_loop), "no pass of forced tokens ran"
+    assert any(kind == "all rows" for kind, n in in_loop), "no draft was verified"
+    assert costs.timed == [n for kind, n in in_loop if kind == "all rows" or n == 1]
