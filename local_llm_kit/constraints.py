@@ -417,7 +417,10 @@ class GrammarConstraint:
         self._cap: int | None = None
 
     def _take_forced(self) -> list[int]:
-        forced = list(self._matcher.compute_ff_tokens())
+        return self._forced_by(self._matcher)
+
+    def _forced_by(self, matcher: llguidance.LLMatcher) -> list[int]:
+        forced = list(matcher.compute_ff_tokens())
         for i, token in enumerate(forced):
             if token in self._eos:
                 return forced[:i]
@@ -507,17 +510,27 @@ class GrammarConstraint:
         """True once the grammar allows nothing but ending."""
         return bool(self._matcher.is_stopped())
 
-    def valid_prefix(self, tokens: Sequence[int]) -> int:
-        """How many of ``tokens`` the grammar accepts in a row from here; nothing is consumed.
+    def draft_outputs(self, tokens: Sequence[int]) -> list[bool]:
+        """Which logits verifying the draft ``tokens`` needs (see the ``Constraint`` protocol);
+        nothing is consumed.
 
-        Speculation drafts only what the grammar allows. End-of-sequence tokens end the count:
-        the loop stops on them, so drafting one gains nothing."""
+        Speculation drafts only what the grammar allows. End-of-sequence tokens end the draft: the
+        loop stops on them, so drafting one gains nothing. A drafted position whose next token the
+        grammar forces (a key's closing quote and the next key, in JSON) needs no logits; with a
+        large vocabulary they are much of a verification pass."""
         count = 0
         for token in tokens:
             if token in self._eos or token >= self._n:
                 break
             count += 1
-        return int(self._matcher.validate_tokens(list(tokens[:count]))) if count else 0
+        count = int(self._matcher.validate_tokens(list(tokens[:count]))) if count else 0
+        outputs = [True]
+        if count:
+            trial = self._matcher.deep_copy()
+            for token in tokens[:count]:
+                trial.consume_token(token)
+                outputs.append(not self._forced_by(trial))
+        return outputs
 
     # -- budget-aware closing ---------------------------------------------------------------
     def fit(self, token: int, remaining: int) -> int | None:

@@ -63,9 +63,13 @@ class Constraint(Protocol):
         ``token`` itself while the structure can still be completed after it, else the next token of
         a completion the grammar accepts; None when the reply is complete and nothing more fits."""
 
-    def valid_prefix(self, tokens: Sequence[int]) -> int:
-        """How many of ``tokens`` the grammar accepts in a row from here (nothing is consumed): a
-        drafted token the grammar forbids ends the draft."""
+    def draft_outputs(self, tokens: Sequence[int]) -> list[bool]:
+        """Which logits verifying the draft ``tokens`` needs, judged from here (nothing is consumed).
+
+        The list is one longer than the part of ``tokens`` the grammar accepts in a row (a drafted
+        token it forbids ends the draft). Item ``j`` is False where, after the first ``j`` drafted
+        tokens, the grammar forces the next token: the loop never samples there, so the logits
+        after that position need not be computed."""
 
 
 @dataclass(frozen=True)
@@ -239,14 +243,18 @@ def generate(
                 continue
             # A draft is worth verifying only where its tokens and one more could still be generated.
             draft = [] if lookup is None else lookup.draft(limit - len(generated) - 1)
+            outputs = [True] * (len(draft) + 1)
             if draft and constraint is not None:
-                draft = draft[:constraint.valid_prefix(draft)]
+                outputs = constraint.draft_outputs(draft)
+                draft = draft[:len(outputs) - 1]
             started = time.perf_counter()
             if draft:
-                # Rows for the last pending token (the logits of this step) and each drafted one.
-                rows = backend.forward_all([*pending, *draft], rows=len(draft) + 1)
-                logits = rows[0]
-                verified.hold(draft, rows[1:])
+                # Logits after the last pending token (this step's) and after each drafted token
+                # where the next one is sampled, not forced.
+                wanted = [len(pending) - 1 + j for j, needed in enumerate(outputs) if needed]
+                rows = iter(backend.forward_all([*pending, *draft], rows=wanted))
+                logits = next(rows)  # ``outputs[0]`` is always True: this step samples
+                verified.hold(draft, [next(rows) if needed else None for needed in outputs[1:]])
             else:
                 logits = backend.forward(pending)
             # Forced tokens without a draft make a pass that returns one row: not a size speculation picks.
@@ -259,23 +267,28 @@ class _Verified:
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
-        self.rows: list[np.ndarray] = []
+        self.rows: list[np.ndarray | None] = []  # None: not computed (the grammar forces the next token)
         self.proposed = 0
         self.kept = 0
 
-    def hold(self, draft: list[int], rows: np.ndarray) -> None:
-        self.tokens, self.rows = list(draft), list(rows)
+    def hold(self, draft: list[int], rows: list[np.ndarray | None]) -> None:
+        self.tokens, self.rows = list(draft), rows
         self.proposed, self.kept = len(draft), 0
 
     def take(self, new_tokens: list[int]) -> tuple[list[int], np.ndarray | None]:
         """Match the step's tokens against the draft: the tokens still to evaluate, and the next
         position's logits when all of them were drafted (already in the KV cache)."""
         matched = 0
-        logits = None
-        while matched < len(new_tokens) and self.tokens and self.tokens[0] == new_tokens[matched]:
-            self.tokens.pop(0)
-            logits = self.rows.pop(0)
+        while (matched < len(new_tokens) and matched < len(self.tokens)
+               and self.tokens[matched] == new_tokens[matched]):
             matched += 1
+        if matched == len(new_tokens) and self.rows[matched - 1] is None:
+            # The step ended where the grammar was to force more (a forced run cut by the budget):
+            # no logits there. The last token goes back to the draft's tail, which is trimmed from
+            # the cache, and is evaluated again.
+            matched -= 1
+        logits = self.rows[matched - 1] if matched else None
+        del self.tokens[:matched], self.rows[:matched]
         self.kept += matched
         return new_tokens[matched:], logits if matched == len(new_tokens) else None
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from local_llm_kit.backends.base import Backend, ModelInfo
+from local_llm_kit.backends.base import Backend, ModelInfo, output_rows
 from local_llm_kit.engine import Engine
 from local_llm_kit.models import ResolvedModel
 from local_llm_kit.speculation import PassCosts
@@ -119,11 +119,9 @@ class FakeBackend(Backend):
         last: np.ndarray = self._evaluate(tokens, all_positions=False)[-1]
         return last
 
-    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
-        wanted = len(tokens) if rows is None else rows
-        if not 1 <= wanted <= len(tokens):
-            raise ValueError(f"rows must be in 1..{len(tokens)}, not {rows}")
-        return self._evaluate(tokens, all_positions=True)[len(tokens) - wanted:]
+    def forward_all(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> np.ndarray:
+        wanted = output_rows(tokens, rows)
+        return self._evaluate(tokens, all_positions=True)[wanted]
 
     def _evaluate(self, tokens: Sequence[int], *, all_positions: bool) -> np.ndarray:
         if not tokens:

@@ -21,6 +21,7 @@ generation did in between.
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,7 +31,8 @@ import numpy as np
 if TYPE_CHECKING:
     import llguidance
 
-__all__ = ["KV_BUDGET_BYTES", "MAX_DEFAULT_KV_SLOTS", "Backend", "ModelInfo", "SlotView", "default_kv_slots"]
+__all__ = ["KV_BUDGET_BYTES", "MAX_DEFAULT_KV_SLOTS", "Backend", "ModelInfo", "SlotView", "default_kv_slots",
+           "output_rows"]
 
 KV_BUDGET_BYTES = 1 << 30
 """Memory the default number of KV-cache slots may take together (1 GiB)."""
@@ -179,15 +181,16 @@ class Backend(abc.ABC):
         position's logits are computed. On success ``cached_tokens`` grows by ``tokens``.
         """
 
-    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
-        """Like :meth:`forward`, but return the logits of the last ``rows`` positions of ``tokens``
-        (all of them when ``rows`` is None).
+    def forward_all(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> np.ndarray:
+        """Like :meth:`forward`, but return the logits of the positions ``rows`` of ``tokens``
+        (indices, ascending; every position when None).
 
-        A float32 array of shape ``(rows, info.n_vocab)`` owned by the caller (not a view of an
-        engine buffer: the decode loop keeps rows across steps). Row ``i`` predicts the token after
-        ``tokens[len(tokens) - rows + i]``. Only those positions' logits are computed: with a
-        large vocabulary the output layer is much of a pass (Gemma 3: 262k entries). Speculative
-        decoding verifies a draft with one such pass; an engine
+        A float32 array of shape ``(len(rows), info.n_vocab)`` owned by the caller (not a view of
+        an engine buffer: the decode loop keeps rows across steps). Its row ``i`` predicts the
+        token after ``tokens[rows[i]]``. Logits are computed for those positions only where the
+        engine allows: with a large vocabulary the output layer is much of a pass (Gemma 3's has
+        262k entries), and a draft's positions where the grammar forces the next token need none.
+        Speculative decoding verifies a draft with one such pass; an engine
         that cannot compute several positions at once leaves this unimplemented, and speculation
         is then refused for it (see :attr:`verifies_drafts`).
         """
@@ -272,7 +275,7 @@ class SlotView(Backend):
         self.backend.use_slot(self.index)
         return self.backend.forward(tokens)
 
-    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
+    def forward_all(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> np.ndarray:
         self.backend.use_slot(self.index)
         return self.backend.forward_all(tokens, rows)
 
@@ -289,3 +292,14 @@ class SlotView(Backend):
 
     def close(self) -> None:
         """A view owns nothing; closing the backend is the engine's business."""
+
+
+def output_rows(tokens: Sequence[int], rows: Sequence[int] | None) -> list[int]:
+    """The ``rows`` argument of :meth:`Backend.forward_all`, checked: ascending indices into ``tokens``."""
+    if rows is None:
+        return list(range(len(tokens)))
+    wanted = list(rows)
+    ascending = all(a < b for a, b in itertools.pairwise(wanted))
+    if not wanted or wanted[0] < 0 or wanted[-1] >= len(tokens) or not ascending:
+        raise ValueError(f"rows must be ascending indices into the {len(tokens)} tokens, not {wanted}")
+    return wanted

@@ -20,7 +20,7 @@ import llama_cpp._internals as llama_internals
 import numpy as np
 
 from local_llm_kit.backends import BackendOptions
-from local_llm_kit.backends.base import Backend, ModelInfo, default_kv_slots
+from local_llm_kit.backends.base import Backend, ModelInfo, default_kv_slots, output_rows
 from local_llm_kit.errors import InvalidRequestError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -191,25 +191,24 @@ class LlamaCppBackend(Backend):
         return self._llg
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
-        self._decode(tokens, rows=1)
+        self._decode(tokens, rows=None)
         pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         # A view of llama.cpp's own buffer, not a copy (1 MB per token for a 262k vocabulary):
         # the decode loop is done with it, masking in place included, before the next forward.
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
-    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
-        wanted = len(tokens) if rows is None else rows
-        if not 1 <= wanted <= len(tokens):
-            raise ValueError(f"rows must be in 1..{len(tokens)}, not {rows}")
-        self._decode(tokens, rows=wanted)  # one batch: the last ``wanted`` positions' outputs, in order
+    def forward_all(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> np.ndarray:
+        wanted = output_rows(tokens, rows)
+        self._decode(tokens, rows=wanted)  # one batch: the wanted positions' outputs, in order
         pointer = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(pointer, shape=(wanted, self._n_vocab)).copy()  # rows outlive the next decode
+        return np.ctypeslib.as_array(pointer, shape=(len(wanted), self._n_vocab)).copy()  # rows outlive the next decode
 
-    def _decode(self, tokens: Sequence[int], *, rows: int) -> None:
-        """Evaluate ``tokens`` in batches, computing logits for the last ``rows`` positions."""
+    def _decode(self, tokens: Sequence[int], *, rows: Sequence[int] | None) -> None:
+        """Evaluate ``tokens`` in batches, computing logits at the positions ``rows`` (in one batch),
+        or only at the last position of each batch (None)."""
         if not tokens:
             raise ValueError("forward needs at least one token")
-        if rows > 1 and len(tokens) > self._n_batch:  # earlier batches' logits would be gone
+        if rows is not None and len(tokens) > self._n_batch:  # earlier batches' logits would be gone
             raise ValueError(f"forward_all evaluates at most {self._n_batch} tokens at once, not {len(tokens)}")
         cached = self._cached
         n_past = len(cached)
@@ -221,14 +220,14 @@ class LlamaCppBackend(Backend):
             for start in range(0, len(tokens), self._n_batch):
                 chunk = tokens[start:start + self._n_batch]
                 n = len(chunk)
-                first_output = n - rows  # a position before it gets no logits (only the last batch has any)
                 for i, token in enumerate(chunk):
                     batch.token[i] = token
                     batch.pos[i] = n_past + i
                     batch.seq_id[i][0] = seq
                     batch.n_seq_id[i] = 1
-                    batch.logits[i] = i >= first_output
-                batch.logits[n - 1] = True
+                    batch.logits[i] = False
+                for i in [n - 1] if rows is None else rows:
+                    batch.logits[i] = True
                 batch.n_tokens = n
                 rc = llama_cpp.llama_decode(self._ctx, batch)
                 if rc != 0:

@@ -58,7 +58,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from local_llm_kit.backends import BackendOptions
 from local_llm_kit.backends._cuda_graphs import BUCKETS, GraphInputs, StaticSlot, static_layout_problem
 from local_llm_kit.backends._hf_convert import cached_hf_folder, is_gguf_file
-from local_llm_kit.backends.base import Backend, ModelInfo, default_kv_slots
+from local_llm_kit.backends.base import Backend, ModelInfo, default_kv_slots, output_rows
 from local_llm_kit.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -277,8 +277,12 @@ class TransformersBackend(Backend):
         logits = self._evaluate(tokens, 1)
         return np.asarray(logits[-1].to(device="cpu", dtype=torch.float32).numpy())
 
-    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
-        logits = self._evaluate(tokens, _rows(tokens, rows))
+    def forward_all(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> np.ndarray:
+        wanted = output_rows(tokens, rows)
+        first = wanted[0]
+        logits = self._evaluate(tokens, len(tokens) - first)  # the positions from the first one wanted
+        if len(wanted) < len(tokens) - first:
+            logits = logits[[i - first for i in wanted]]
         return np.asarray(logits.to(device="cpu", dtype=torch.float32).numpy())
 
     def _evaluate(self, tokens: Sequence[int], rows: int) -> Any:
@@ -373,13 +377,6 @@ class TransformersBackend(Backend):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-def _rows(tokens: Sequence[int], rows: int | None) -> int:
-    wanted = len(tokens) if rows is None else rows
-    if not 1 <= wanted <= max(1, len(tokens)):
-        raise ValueError(f"rows must be in 1..{len(tokens)}, not {rows}")
-    return wanted
 
 
 def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager[Any]:

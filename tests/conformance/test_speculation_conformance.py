@@ -114,18 +114,22 @@ def test_seeded_sampling_is_reproducible_with_prompt_lookup(exact_smol: LLMClien
 
 
 def test_a_verification_pass_returns_the_rows_asked_for(exact_smol: LLMClient) -> None:
-    # The decode loop asks only for the rows it reads (the step's and the draft's), so that a
-    # pass also feeding forced tokens does not compute their logits; they must be the same rows.
+    # The decode loop asks only for the rows it reads (this step's, and each drafted position
+    # whose next token is sampled, not forced by a grammar); they must be those positions' rows.
     backend = exact_smol.engine.backend
     tokens = backend.tokenize(PASSAGE)
+    n = len(tokens)
     backend.clear_cache()
     every = backend.forward_all(tokens)
-    backend.clear_cache()
-    last = backend.forward_all(tokens, rows=3)
-    assert every.shape == (len(tokens), backend.info.n_vocab) and last.shape == (3, backend.info.n_vocab)
-    np.testing.assert_allclose(last, every[-3:], rtol=0, atol=1e-3)
-    assert list(last.argmax(axis=1)) == list(every[-3:].argmax(axis=1))
-    backend.clear_cache()
-    with pytest.raises(ValueError, match="rows"):
-        backend.forward_all(tokens[:4], rows=5)
-    assert backend.cached_tokens == []  # refused before anything was evaluated
+    assert every.shape == (n, backend.info.n_vocab)
+    for rows in ([n - 3, n - 2, n - 1], [n - 9, n - 4, n - 3, n - 1]):
+        backend.clear_cache()
+        some = backend.forward_all(tokens, rows=rows)
+        assert some.shape == (len(rows), backend.info.n_vocab)
+        np.testing.assert_allclose(some, every[rows], rtol=0, atol=1e-3)
+        assert list(some.argmax(axis=1)) == list(every[rows].argmax(axis=1))
+    for bad in ([4], [2, 1], []):
+        backend.clear_cache()
+        with pytest.raises(ValueError, match="rows"):
+            backend.forward_all(tokens[:4], rows=bad)
+        assert list(backend.cached_tokens) == []  # refused before anything was evaluated

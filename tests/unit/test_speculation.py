@@ -10,7 +10,7 @@ import pytest
 
 from local_llm_kit import InvalidRequestError, LLMClient
 from local_llm_kit.backends.base import Backend
-from local_llm_kit.decoding import Finished, GenerationSettings, generate
+from local_llm_kit.decoding import Finished, GenerationSettings, _Verified, generate
 from local_llm_kit.sampling import SamplingParams
 from local_llm_kit.speculation import DEFAULT_DRAFT_TOKENS, PassCosts, PromptLookup, draft_tokens
 from local_llm_kit.testing import FakeBackend, FixedPassCosts, fake_client
@@ -284,13 +284,15 @@ class _PassLog(FakeBackend):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.passes: list[tuple[str, int]] = []
+        self.outputs: list[tuple[int, int]] = []  # (positions, rows computed) of each verification
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         self.passes.append(("last row", len(tokens)))
         return super().forward(tokens)
 
-    def forward_all(self, tokens: Sequence[int], rows: int | None = None) -> np.ndarray:
+    def forward_all(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> np.ndarray:
         self.passes.append(("all rows", len(tokens)))
+        self.outputs.append((len(tokens), len(tokens) if rows is None else len(rows)))
         return super().forward_all(tokens, rows)
 
 
@@ -309,3 +311,43 @@ def test_the_cost_model_times_single_steps_and_verifications_only() -> None:
     assert any(kind == "last row" and n > 1 for kind, n in in_loop), "no pass of forced tokens ran"
     assert any(kind == "all rows" for kind, n in in_loop), "no draft was verified"
     assert costs.timed == [n for kind, n in in_loop if kind == "all rows" or n == 1]
+
+
+JSON_REPLY = f'{{"name": "Stevenson", "quote": "{PASSAGE}", "keeper": "Stevenson", "built": "1828"}}'
+JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "q", "schema": {
+    "type": "object", "properties": {k: {"type": "string"} for k in ("name", "quote", "keeper", "built")},
+    "required": ["name", "quote", "keeper", "built"], "additionalProperties": False}}}
+
+
+def test_verification_skips_the_logits_of_positions_the_grammar_forces() -> None:
+    backend = _PassLog(reply=JSON_REPLY)
+    client = fake_client(backend=backend, temperature=0, prompt_lookup=True)
+    client.engine.pass_costs = FixedPassCosts(extra_share=0.0)
+    fast = client.chat.completions.create(messages=ASK, response_format=JSON_FORMAT)
+    assert fast.choices[0].message.content == JSON_REPLY
+    assert backend.outputs, "no draft was verified"
+    assert any(rows < positions for positions, rows in backend.outputs), "every position's logits were computed"
+
+
+@pytest.mark.parametrize("max_tokens", [52, 58, 67, 80, 96, 121, 150])
+def test_json_under_any_budget_is_the_same_with_skipped_logits(max_tokens: int) -> None:
+    plain = fake_client(JSON_REPLY, temperature=0).chat.completions.create(
+        messages=ASK, response_format=JSON_FORMAT, max_tokens=max_tokens)
+    client = fake_client(backend=FakeBackend(reply=JSON_REPLY), temperature=0, prompt_lookup=True)
+    client.engine.pass_costs = FixedPassCosts(extra_share=0.0)
+    fast = client.chat.completions.create(messages=ASK, response_format=JSON_FORMAT, max_tokens=max_tokens)
+    assert fast.model_dump(exclude={"id", "created"}) == plain.model_dump(exclude={"id", "created"})
+
+
+def test_a_step_ending_where_logits_were_skipped_evaluates_its_last_token_again() -> None:
+    # A forced run cut short (by the budget, as a last resort) can end a step on a drafted
+    # position whose logits were skipped; that token must be fed again, not trusted.
+    verified = _Verified()
+    after = [np.full(4, float(i)) for i in range(4)]
+    verified.hold([7, 8, 9, 10], [after[0], None, None, after[3]])
+    pending, logits = verified.take([7, 8, 9, 10])
+    assert pending == [] and logits is after[3]  # a whole forced run: its end has logits
+    verified.hold([7, 8, 9, 10], [after[0], None, None, after[3]])
+    pending, logits = verified.take([7, 8])  # the run was cut after 8
+    assert (pending, logits) == ([8], None) and verified.tokens == [8, 9, 10]  # 8 is trimmed and fed again
+    assert verified.kept == 1
