@@ -60,12 +60,14 @@ class PassCosts:
     steps, so a second position is dear and each one after it cheap, and only long drafts that
     are mostly right pay. A straight line through one measured size misjudges every other size,
     which is why each size is timed on its own. A size not timed yet is interpolated between its
-    timed neighbours; past the largest timed size each position is assumed to cost
-    :attr:`PRIOR_EXTRA`, an optimistic guess that gets a longer draft tried once, and so timed.
+    timed neighbours. Past the largest timed size each position is assumed to cost what one did
+    between the two largest timed sizes, or :attr:`PRIOR_EXTRA` if that is less: an optimistic
+    guess, so that a longer draft gets tried once, and so timed.
     """
 
     PRIOR_EXTRA = 0.25
-    """Cost of a position past the largest pass timed so far, as a share of a one-position pass."""
+    """Cost of a position in a pass larger than any timed so far, as a share of a one-position
+    pass, at most (less where the timed curve rises more slowly)."""
     WEIGHT = 0.1
 
     def __init__(self) -> None:
@@ -84,13 +86,16 @@ class PassCosts:
             return [1.0 + self.PRIOR_EXTRA * n for n in range(positions)]
         timed = sorted(p for p in self._seconds if p > 1)
         anchor, anchor_share = 1, 1.0
+        slope = self.PRIOR_EXTRA  # per position, past the largest timed size
         out = [1.0]
         following = 0  # index in ``timed`` of the first timed size above the anchor
         for size in range(2, positions + 1):
             while following < len(timed) and timed[following] < size:
                 following += 1
             if following < len(timed) and timed[following] == size:
-                anchor, anchor_share = size, max(anchor_share, self._seconds[size] / single)
+                share = max(anchor_share, self._seconds[size] / single)
+                slope = min(self.PRIOR_EXTRA, (share - anchor_share) / (size - anchor))
+                anchor, anchor_share = size, share
                 out.append(anchor_share)
                 continue
             if following < len(timed):
@@ -98,7 +103,7 @@ class PassCosts:
                 above_share = max(anchor_share, self._seconds[above] / single)
                 out.append(anchor_share + (above_share - anchor_share) * (size - anchor) / (above - anchor))
             else:
-                out.append(anchor_share + self.PRIOR_EXTRA * (size - anchor))
+                out.append(anchor_share + slope * (size - anchor))
         return out
 
     @property

@@ -138,6 +138,10 @@ def test_pass_costs_are_learned_per_pass_size() -> None:
     costs.record(5, 0.012)  # noise: a bigger pass timed cheaper than a smaller one ...
     assert costs.shares(5)[4] == pytest.approx(1.9)  # ... is not believed
     assert costs.shares(12) == sorted(costs.shares(12))
+    flat = PassCosts()  # a GPU's curve, or transformers' on a CPU: extra positions nearly free
+    for positions, seconds in ((1, 0.0350), (4, 0.0385), (5, 0.0392)):
+        flat.record(positions, seconds)
+    assert flat.shares(9)[8] == pytest.approx(1.12 + 4 * 0.02)  # past 5: the slope from 4 to 5, not the prior
 
 
 @pytest.mark.parametrize(("value", "expected"), [(True, DEFAULT_DRAFT_TOKENS), (False, 0), (0, 0), (5, 5)])
