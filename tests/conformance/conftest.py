@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def backend(request: pytest.FixtureRequest) -> str:
     if importlib.util.find_spec(_ENGINE_MODULE[name]) is None:
         pytest.skip(f"the {name} engine is not installed")
     return name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_loaded_clients() -> Iterator[None]:
+    """Close the session's clients at its end, while llama.cpp's module is still whole: a model
+    freed during interpreter teardown fails in ``Llama.__del__``."""
+    yield
+    for client in _clients.values():
+        client.close()
+    _clients.clear()
 
 
 def load(model: str, backend: str, cache_dir: Path) -> LLMClient:

@@ -17,6 +17,7 @@ spirit"), just as between a warm turn and a cold prefill (see the README).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,14 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 _exact: dict[tuple[str, str], LLMClient] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_exact_clients() -> Iterator[None]:
+    yield
+    for client in _exact.values():
+        client.close()
+    _exact.clear()
 
 
 @pytest.fixture()

@@ -156,3 +156,18 @@ def test_client_refuses_cuda_graphs_where_they_cannot_apply(cache_dir: Path) -> 
     client = LLMClient(backend="transformers", cuda_graphs=True, device="cpu", cache_dir=cache_dir)
     with pytest.raises(InvalidRequestError, match="CUDA graphs need device='cuda'"):
         client.load()
+
+
+def test_a_pass_asking_for_some_rows_gets_them(pair: tuple[TransformersBackend, TransformersBackend]) -> None:
+    # Speculation asks only for the rows it samples from; on the static path a pass computes the
+    # rows from the first one wanted on (a padded bucket), then keeps those asked for.
+    ids = pair[0].tokenize(" ".join(f"Buoy {i} marks shoal {i * 5 % 13}." for i in range(40)))[:300]
+    assert len(ids) == 300
+    _start(pair, 1, ids[:290])
+    rows = [0, 3, 4, 9]
+    dynamic, static = _both(pair, "forward_all", ids[290:], rows)
+    assert isinstance(dynamic, np.ndarray) and isinstance(static, np.ndarray)
+    assert static.shape == (4, pair[0].info.n_vocab)
+    np.testing.assert_allclose(static, dynamic, rtol=0, atol=ATOL)
+    assert (static.argmax(-1) == dynamic.argmax(-1)).all()
+    assert [len(b.cached_tokens) for b in pair] == [300, 300]
