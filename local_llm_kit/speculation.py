@@ -74,8 +74,8 @@ class PassCosts:
         self._seconds: dict[int, float] = {}
 
     def record(self, positions: int, seconds: float) -> None:
-        """Time a pass: a one-position decode step, or a verification of ``positions`` positions
-        that returned logits for each (not a multi-position pass that returned only the last)."""
+        """Time a pass: a one-position decode step, or a draft's verification of ``positions``
+        positions (not a pass of forced tokens, which returns only the last position's logits)."""
         self._seconds[positions] = _average(self._seconds.get(positions), seconds, self.WEIGHT)
 
     def shares(self, positions: int) -> list[float]:
