@@ -6,6 +6,7 @@ load-time settings, so ten clients over one model cost one model's memory.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -93,6 +94,7 @@ class Engine:
 
 _engines: dict[tuple[str, str, BackendOptions], Engine] = {}
 _engines_lock = threading.Lock()
+_unload_at_exit_registered = False
 
 
 def get_engine(model: ResolvedModel, backend_name: str, options: BackendOptions, *,
@@ -111,6 +113,7 @@ def get_engine(model: ResolvedModel, backend_name: str, options: BackendOptions,
             engine = Engine(model, backend_name, create_backend(backend_name, str(model.path), options))
             logger.info("loaded %s in %.2f s", model.name, time.perf_counter() - started)
             _engines[key] = engine
+            _register_unload_at_exit()
         if attach:
             engine._users += 1
         return engine
@@ -127,6 +130,18 @@ def detach(engine: Engine) -> None:
                 del _engines[key]
     logger.info("unloading %s: its last client closed", engine.model.name)
     engine.close()
+
+
+def _register_unload_at_exit() -> None:
+    """Unload what is still loaded when the interpreter exits (clients never closed), before it
+    tears modules down: a llama.cpp model freed during that teardown fails in llama-cpp-python's
+    ``Llama.__del__`` ("'NoneType' object is not callable"), once per model. Registered after the
+    first backend loaded (and imported its engine), so it runs before anything that engine
+    registered. Called with ``_engines_lock`` held."""
+    global _unload_at_exit_registered
+    if not _unload_at_exit_registered:
+        atexit.register(unload_all)
+        _unload_at_exit_registered = True
 
 
 def loaded_engines() -> list[Engine]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai.types.chat as oai
@@ -18,8 +19,35 @@ QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 @pytest.fixture(scope="module")
-def client(cache_dir: Path) -> LLMClient:
-    return LLMClient("smollm2-135m-instruct", temperature=0, cache_dir=cache_dir).load()
+def client(cache_dir: Path) -> Iterator[LLMClient]:
+    with LLMClient("smollm2-135m-instruct", temperature=0, cache_dir=cache_dir).load() as loaded:
+        yield loaded
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+
+def report():  # registered before the library loads anything, so it runs after the library's handler
+    import local_llm_kit.engine as engines
+    print("loaded at exit:", len(engines.loaded_engines()), "closed:", engine.closed, flush=True)
+
+atexit.register(report)
+from local_llm_kit import LLMClient
+
+client = LLMClient("smollm2-135m-instruct", backend="llama.cpp", cache_dir=sys.argv[1]).load()
+engine = client.engine
+client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+"""
+
+
+def test_a_model_left_loaded_is_unloaded_at_exit_before_teardown(cache_dir: Path) -> None:
+    # A script that never closes its client: the model must be freed while llama.cpp's module is
+    # whole, not during interpreter teardown (where llama-cpp-python's Llama.__del__ fails).
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(cache_dir)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "loaded at exit: 0 closed: True" in done.stdout
+    assert "Exception ignored" not in done.stderr
 
 
 def test_greedy_output_equals_llama_cpp_pythons_own(client: LLMClient) -> None:
