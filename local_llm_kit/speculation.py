@@ -194,8 +194,10 @@ class PromptLookup:
         return continuation[:length]
 
     def continuation(self, limit: int) -> list[int]:
-        """Up to ``limit`` tokens that followed the earlier occurrence of the longest suffix of the
-        sequence (at least :data:`MIN_MATCH` tokens) that occurs earlier; the latest such one."""
+        """``limit`` tokens that followed the earlier occurrence of the longest suffix of the
+        sequence (at least :data:`MIN_MATCH` tokens) that occurs earlier; the latest such one.
+        Where those run into the sequence's end, the copy goes on with the tokens it has just
+        guessed, as a text repeating itself does (none: no suffix occurs earlier)."""
         return self._lookup(limit)[0]
 
     def _lookup(self, limit: int) -> tuple[list[int], int]:
@@ -216,7 +218,13 @@ class PromptLookup:
         if length < MIN_MATCH:
             return [], 0
         begin = int(ends[-1])  # the latest of the longest matches: the most relevant context
-        return history[begin:begin + limit].tolist(), length
+        continuation = history[begin:begin + limit].tolist()
+        # Where the earlier occurrence runs into the present (a list, a refrain, a loop), the copy
+        # goes on copying what it has just guessed: the text repeats with period ``size - begin``.
+        period = self._size - begin
+        while len(continuation) < limit:
+            continuation += continuation[-period:][:limit - len(continuation)]
+        return continuation, length
 
     def _worth(self, available: int) -> int:
         """The draft length with the most expected tokens per unit of pass cost; 0 if none pays."""

@@ -41,12 +41,23 @@ def run(client: Any, **params: Any) -> tuple[str, list[str]]:
 # -- drafting ----------------------------------------------------------------------------------------
 def test_a_continuation_follows_the_longest_match_of_the_sequence_end() -> None:
     lookup = PromptLookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 1, 2], max_tokens=8)
-    assert lookup.continuation(8) == [3, 7, 8, 6, 1, 2]  # the latest "1 2" was followed by 3 7 8 6 1 2
+    assert lookup.continuation(6) == [3, 7, 8, 6, 1, 2]  # the latest "1 2" was followed by 3 7 8 6 1 2
     lookup.extend([3])
     assert lookup.continuation(2) == [7, 8]
     # "9 1 2 3" occurs once, earlier than the latest "1 2 3": the longer match wins.
     lookup = PromptLookup([9, 1, 2, 3, 4, 5, 1, 2, 3, 6, 9, 1, 2, 3], max_tokens=8)
     assert lookup.continuation(3) == [4, 5, 1]
+
+
+def test_a_copy_that_runs_into_the_present_goes_on_copying_its_own_guess() -> None:
+    # "_20 23" repeating: the latest earlier "_20 23 _20" ends two tokens back, so what followed
+    # it is the text's own end, and then what the draft has just guessed.
+    lookup = PromptLookup([40, 41, 9, 20, 23, 20, 23, 20, 23], max_tokens=8)
+    assert lookup.continuation(7) == [20, 23, 20, 23, 20, 23, 20]
+    lookup = PromptLookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 1, 2], max_tokens=8)
+    assert lookup.continuation(8) == [3, 7, 8, 6, 1, 2, 3, 7]  # period 6: "1 2 3 7 8 6" again
+    lookup = PromptLookup([7, 7, 7], max_tokens=8)
+    assert lookup.continuation(4) == [7, 7, 7, 7]
 
 
 def test_no_draft_without_a_repeated_ngram_or_room() -> None:
