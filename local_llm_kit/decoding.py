@@ -241,12 +241,12 @@ def generate(
             if not verified.reject(backend, lookup, len(prompt) + len(generated) - len(pending)):
                 logits = prefill(backend, [*prompt, *generated])  # the cache could not be trimmed
                 continue
-            # A draft is worth verifying only where its tokens and one more could still be generated.
-            draft = [] if lookup is None else lookup.draft(limit - len(generated) - 1)
-            outputs = [True] * (len(draft) + 1)
-            if draft and constraint is not None:
-                outputs = constraint.draft_outputs(draft)
-                draft = draft[:len(outputs) - 1]
+            draft: list[int] = []
+            outputs = [True]
+            if lookup is not None:
+                # A draft is worth verifying only where its tokens and one more could still be generated.
+                draft, outputs = lookup.plan(limit - len(generated) - 1, pending=len(pending),
+                                             outputs_of=None if constraint is None else constraint.draft_outputs)
             started = time.perf_counter()
             if draft:
                 # Logits after the last pending token (this step's) and after each drafted token
@@ -257,9 +257,8 @@ def generate(
                 verified.hold(draft, [next(rows) if needed else None for needed in outputs[1:]])
             else:
                 logits = backend.forward(pending)
-            # Forced tokens without a draft make a pass that returns one row: not a size speculation picks.
-            if lookup is not None and (draft or len(pending) == 1):
-                lookup.costs.record(len(pending) + len(draft), time.perf_counter() - started)
+            if lookup is not None:
+                lookup.costs.record(len(pending) + len(draft), time.perf_counter() - started, rows=sum(outputs))
 
 
 class _Verified:

@@ -15,7 +15,7 @@ are only verified where the engine's measured pass costs say they pay (:class:`P
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +50,8 @@ class SpeculationStats:
 
 class PassCosts:
     """What a decode-loop forward pass costs on one loaded model, as a function of the positions
-    it evaluates: seconds per pass for each pass size timed so far (moving averages), read as a
-    multiple of a one-position decode step (:meth:`shares`).
+    it evaluates and of the rows of logits it returns: seconds per pass for each size timed so
+    far (moving averages), read as a multiple of a one-position decode step.
 
     Engines differ by an order of magnitude here, and not only in level but in shape. On a GPU a
     pass of nine positions costs little more than one, so long drafts pay even when most of
@@ -59,10 +59,16 @@ class PassCosts:
     EPYC with SmolLM2 and 2 threads, passes of 2, 4 and 9 positions cost 1.9, 2.5 and 4.1 decode
     steps, so a second position is dear and each one after it cheap, and only long drafts that
     are mostly right pay. A straight line through one measured size misjudges every other size,
-    which is why each size is timed on its own. A size not timed yet is interpolated between its
-    timed neighbours. Past the largest timed size each position is assumed to cost what one did
-    between the two largest timed sizes, or :attr:`PRIOR_EXTRA` if that is less: an optimistic
-    guess, so that a longer draft gets tried once, and so timed.
+    which is why each size is timed on its own (:meth:`shares`). A size not timed yet is
+    interpolated between its timed neighbours. Past the largest timed size each position is
+    assumed to cost what one did between the two largest timed sizes, or :attr:`PRIOR_EXTRA` if
+    that is less: an optimistic guess, so that a longer draft gets tried once, and so timed.
+
+    Rows of logits cost apart from positions where the output layer is large: Gemma 3's has 262k
+    entries, and on that CPU a pass of 4 positions took 16 ms returning one row and 27 returning
+    two, against 11 for a decode step. Passes that return one row (a run of tokens a grammar
+    forces) are timed as a second curve, and passes returning some of their rows teach the cost
+    of a row beyond the first (:meth:`cost`).
     """
 
     PRIOR_EXTRA = 0.25
@@ -71,46 +77,91 @@ class PassCosts:
     WEIGHT = 0.1
 
     def __init__(self) -> None:
-        self._seconds: dict[int, float] = {}
+        self._seconds: dict[int, float] = {}  # passes returning every position's row (1: a step)
+        self._one_row: dict[int, float] = {}  # passes of 2 or more positions returning the last row
+        self._row_share: float | None = None  # a row beyond the first, as a share of a step
 
-    def record(self, positions: int, seconds: float) -> None:
-        """Time a pass: a one-position decode step, or a draft's verification of ``positions``
-        positions (not a pass of forced tokens, which returns only the last position's logits)."""
-        self._seconds[positions] = _average(self._seconds.get(positions), seconds, self.WEIGHT)
+    def record(self, positions: int, seconds: float, rows: int | None = None) -> None:
+        """Time a decode-loop pass of ``positions`` positions that returned ``rows`` rows of logits
+        (None: every position's)."""
+        rows = positions if rows is None else rows
+        if not 1 <= rows <= positions:
+            raise ValueError(f"a pass of {positions} positions returns 1 to {positions} rows, not {rows}")
+        if rows == positions:
+            self._seconds[positions] = _average(self._seconds.get(positions), seconds, self.WEIGHT)
+        elif rows == 1:
+            self._one_row[positions] = _average(self._one_row.get(positions), seconds, self.WEIGHT)
+        single = self._seconds.get(1)
+        if rows > 1 and single and self._one_row:
+            one_row = self._one_row_shares(positions)[-1]
+            observed = max(0.0, (seconds / single - one_row) / (rows - 1))
+            self._row_share = _average(self._row_share, observed, self.WEIGHT)
 
     def shares(self, positions: int) -> list[float]:
-        """Cost of a pass of 1, 2, ... ``positions`` positions, each as a multiple of a one-position
-        pass; never decreasing (a pass does not get cheaper by evaluating more)."""
+        """Cost of a pass of 1, 2, ... ``positions`` positions returning every row, each as a
+        multiple of a one-position pass; never decreasing (a pass does not get cheaper by
+        evaluating more)."""
         single = self._seconds.get(1)
         if not single:
             return [1.0 + self.PRIOR_EXTRA * n for n in range(positions)]
-        timed = sorted(p for p in self._seconds if p > 1)
-        anchor, anchor_share = 1, 1.0
-        slope = self.PRIOR_EXTRA  # per position, past the largest timed size
-        out = [1.0]
-        following = 0  # index in ``timed`` of the first timed size above the anchor
-        for size in range(2, positions + 1):
-            while following < len(timed) and timed[following] < size:
-                following += 1
-            if following < len(timed) and timed[following] == size:
-                share = max(anchor_share, self._seconds[size] / single)
-                slope = min(self.PRIOR_EXTRA, (share - anchor_share) / (size - anchor))
-                anchor, anchor_share = size, share
-                out.append(anchor_share)
-                continue
-            if following < len(timed):
-                above = timed[following]
-                above_share = max(anchor_share, self._seconds[above] / single)
-                out.append(anchor_share + (above_share - anchor_share) * (size - anchor) / (above - anchor))
-            else:
-                out.append(anchor_share + slope * (size - anchor))
-        return out
+        return _curve(self._seconds, single, positions, self.PRIOR_EXTRA)
+
+    def cost(self, positions: int, rows: int) -> float:
+        """Cost of a pass of ``positions`` positions returning ``rows`` rows, as a multiple of a
+        one-position pass. Until a pass returning fewer rows than positions has been timed, rows
+        are taken to cost nothing apart (the every-row curve); a pass returning one row costs what
+        its own curve says; between, the first row's cost plus a learned cost per further row (at
+        most a timed pass of every row), or, before that is learned, a share of the every-row pass
+        in proportion to the rows."""
+        every_row = self.shares(positions)[-1]
+        single = self._seconds.get(1)
+        if rows >= positions or not self._one_row or not single:
+            return every_row
+        one_row = self._one_row_shares(positions)[-1]
+        if rows == 1:
+            return one_row
+        if self._row_share is None:
+            return one_row + max(0.0, every_row - one_row) * (rows - 1) / (positions - 1)
+        estimate = one_row + self._row_share * (rows - 1)
+        if positions in self._seconds:  # a timed pass of every row bounds it (an extrapolated one does not)
+            estimate = min(estimate, every_row)
+        return max(one_row, estimate)
+
+    def _one_row_shares(self, positions: int) -> list[float]:
+        single = self._seconds[1]
+        return _curve({1: single, **self._one_row}, single, positions, self.PRIOR_EXTRA)
 
     @property
     def extra_share(self) -> float:
         """A summary for reports: the mean cost of each drafted position in a pass verifying a
         default-length draft, as a share of a one-position pass."""
         return (self.shares(DEFAULT_DRAFT_TOKENS + 1)[-1] - 1.0) / DEFAULT_DRAFT_TOKENS
+
+
+def _curve(seconds: dict[int, float], single: float, positions: int, prior_extra: float) -> list[float]:
+    """The costs of passes of 1..``positions`` positions from timed ones (``seconds`` by size),
+    as multiples of ``single``: see :class:`PassCosts`."""
+    timed = sorted(p for p in seconds if p > 1)
+    anchor, anchor_share = 1, 1.0
+    slope = prior_extra  # per position, past the largest timed size
+    out = [1.0]
+    following = 0  # index in ``timed`` of the first timed size above the anchor
+    for size in range(2, positions + 1):
+        while following < len(timed) and timed[following] < size:
+            following += 1
+        if following < len(timed) and timed[following] == size:
+            share = max(anchor_share, seconds[size] / single)
+            slope = min(prior_extra, (share - anchor_share) / (size - anchor))
+            anchor, anchor_share = size, share
+            out.append(anchor_share)
+            continue
+        if following < len(timed):
+            above = timed[following]
+            above_share = max(anchor_share, seconds[above] / single)
+            out.append(anchor_share + (above_share - anchor_share) * (size - anchor) / (above - anchor))
+        else:
+            out.append(anchor_share + slope * (size - anchor))
+    return out
 
 
 class PromptLookup:
@@ -180,18 +231,33 @@ class PromptLookup:
         self._size = end
 
     def draft(self, limit: int) -> list[int]:
-        """The tokens worth verifying next: a prefix of :meth:`continuation`, at most ``limit``;
-        empty when there is none or no draft is expected to beat decoding one token per pass."""
+        """The tokens worth verifying next, at most ``limit``, with no grammar and nothing else
+        pending: see :meth:`plan`."""
+        return self.plan(limit)[0]
+
+    def plan(self, limit: int, *, pending: int = 1,
+             outputs_of: Callable[[Sequence[int]], list[bool]] | None = None) -> tuple[list[int], list[bool]]:
+        """The draft worth verifying next, at most ``limit`` tokens, and which rows of logits its
+        verification needs: a prefix of :meth:`continuation` (empty when there is none or no
+        draft is expected to beat plain decoding), and one flag per position from the last
+        pending token on, True where the next token is sampled rather than forced.
+
+        ``pending`` is how many tokens the pass evaluates anyway (the token just chosen and any a
+        grammar forced after it). ``outputs_of`` judges a candidate against the grammar, as
+        ``Constraint.draft_outputs`` does: the draft ends where the grammar forbids a token, and a
+        forced token is no gain over plain decoding, which evaluates forced runs in one pass too.
+        """
         continuation, matched = self._lookup(min(limit, self.max_tokens))
         if not continuation:
-            return []
+            return [], [True]
         self._class = _match_class(matched)
-        length = self._worth(len(continuation))
+        outputs = [True] * (len(continuation) + 1) if outputs_of is None else outputs_of(continuation)
+        length = self._worth(outputs, pending)
         if length == 0:
             self._guess = continuation[0]
             if PromptLookup.stats is not None:
                 PromptLookup.stats.declined += 1
-        return continuation[:length]
+        return continuation[:length], outputs[:length + 1]
 
     def continuation(self, limit: int) -> list[int]:
         """``limit`` tokens that followed the earlier occurrence of the longest suffix of the
@@ -226,16 +292,31 @@ class PromptLookup:
             continuation += continuation[-period:][:limit - len(continuation)]
         return continuation, length
 
-    def _worth(self, available: int) -> int:
-        """The draft length with the most expected tokens per unit of pass cost; 0 if none pays."""
+    def _worth(self, outputs: Sequence[bool], pending: int) -> int:
+        """The draft length whose pass saves the most time against plain decoding; 0 if none saves
+        :attr:`MIN_GAIN`. ``outputs``: as :meth:`plan` returns them, for the whole candidate.
+
+        Plain decoding pays a pass for the pending tokens, then a pass for each sampled token
+        with the forced run after it; the draft pays one pass for everything, and saves those
+        later passes for as long as its sampled tokens are kept. A draft ends only before a
+        sampled token, so that a forced run is not split between two passes."""
         p = self.acceptance
-        shares = self.costs.shares(available + 1)  # a pass verifies the chosen token and the draft
+        costs = self.costs
+        plain = costs.cost(pending, 1)
         best_length, best_gain = 0, self.MIN_GAIN
-        expected, run = 0.0, 1.0
-        for length in range(1, available + 1):
-            run *= p  # the chance that the first ``length`` drafted tokens are all kept
-            expected += run
-            gain = (1.0 + expected) / shares[length]
+        kept = 1.0  # the chance that every sampled token of the draft so far is kept
+        run = 0  # positions in the current sampled token's pass under plain decoding
+        rows = 1
+        for length in range(1, len(outputs)):
+            if outputs[length - 1]:  # drafted token ``length`` is sampled; a forced one joins its run
+                kept *= p
+                run = 0
+            run += 1
+            if not outputs[length]:
+                continue
+            rows += 1
+            plain += kept * costs.cost(run, 1)
+            gain = plain / costs.cost(pending + length, rows)
             if gain > best_gain:
                 best_length, best_gain = length, gain
         return best_length

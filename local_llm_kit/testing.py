@@ -195,7 +195,7 @@ class FixedPassCosts(PassCosts):
         super().__init__()
         self._share = extra_share
 
-    def record(self, positions: int, seconds: float) -> None:
+    def record(self, positions: int, seconds: float, rows: int | None = None) -> None:
         return None
 
     def shares(self, positions: int) -> list[float]:

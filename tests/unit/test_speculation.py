@@ -155,6 +155,53 @@ def test_pass_costs_are_learned_per_pass_size() -> None:
     assert flat.shares(9)[8] == pytest.approx(1.12 + 4 * 0.02)  # past 5: the slope from 4 to 5, not the prior
 
 
+def test_pass_costs_learn_what_a_row_of_logits_costs_apart_from_its_position() -> None:
+    costs = PassCosts()
+    costs.record(1, 0.010)
+    costs.record(4, 0.038)  # every row: a large output layer, as Gemma 3's on a CPU
+    assert costs.cost(4, 2) == pytest.approx(3.8)  # no pass returning fewer rows timed yet
+    costs.record(4, 0.014, rows=1)  # a forced run of 4: one row
+    assert costs.cost(4, 1) == pytest.approx(1.4)
+    assert costs.cost(4, 4) == pytest.approx(3.8)
+    assert costs.cost(4, 2) == pytest.approx(1.4 + 2.4 / 3)  # in proportion, until a row's cost is learned
+    assert costs.cost(6, 1) == pytest.approx(1.4 + 2 * (0.4 / 3))  # the one-row curve's own slope past 4
+    for _ in range(60):
+        costs.record(4, 0.030, rows=2)
+    assert costs.cost(4, 2) == pytest.approx(3.0, rel=0.01)  # a row beyond the first: 1.6 steps
+    assert costs.cost(4, 3) == pytest.approx(3.8)  # never above a pass of every row
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        costs.record(4, 0.01, rows=5)
+
+
+def _gemma_like_costs(two_rows_of_four: float) -> PassCosts:
+    costs = PassCosts()
+    costs.record(1, 0.011)
+    for positions, seconds in ((2, 0.013), (3, 0.015), (4, 0.016)):
+        costs.record(positions, seconds, rows=1)
+    for _ in range(60):
+        costs.record(4, two_rows_of_four, rows=2)
+    return costs
+
+
+def test_a_forced_run_in_a_draft_is_no_gain_and_its_rows_are_what_it_costs() -> None:
+    # The value's closing quote is sampled, then the grammar forces the next key: plain decoding
+    # takes a step for the quote and one pass for the quote and the key together.
+    outputs = [True, False, False, True]
+    guess_key = PromptLookup(copy_prompt(), max_tokens=3, costs=_gemma_like_costs(0.027))
+    assert guess_key.plan(100, outputs_of=lambda draft: outputs) == ([], [True])  # 27 ms against 11 + 15
+    assert guess_key.continuation(3) == [10, 11, 12]
+    cheap_rows = PromptLookup(copy_prompt(), max_tokens=3, costs=_gemma_like_costs(0.012))
+    assert cheap_rows.plan(100, outputs_of=lambda draft: outputs) == ([10, 11, 12], outputs)
+
+
+def test_a_draft_ends_before_a_sampled_token_not_inside_a_forced_run() -> None:
+    outputs = [True, True, False, False, True, False]
+    for share in (0.0, 0.1, 0.3):
+        lookup = PromptLookup(copy_prompt(), max_tokens=5, costs=FixedPassCosts(extra_share=share))
+        draft, rows = lookup.plan(100, outputs_of=lambda draft: outputs)
+        assert len(draft) in (0, 1, 4) and rows == outputs[:len(draft) + 1]
+
+
 @pytest.mark.parametrize(("value", "expected"), [(True, DEFAULT_DRAFT_TOKENS), (False, 0), (0, 0), (5, 5)])
 def test_prompt_lookup_values(value: object, expected: int) -> None:
     assert draft_tokens(value) == expected
@@ -289,10 +336,10 @@ def test_verified_rows_are_the_logits_a_plain_pass_gives() -> None:
 class _RecordingCosts(FixedPassCosts):
     def __init__(self) -> None:
         super().__init__(extra_share=0.0)
-        self.timed: list[int] = []
+        self.timed: list[tuple[int, int | None]] = []
 
-    def record(self, positions: int, seconds: float) -> None:
-        self.timed.append(positions)
+    def record(self, positions: int, seconds: float, rows: int | None = None) -> None:
+        self.timed.append((positions, rows))
 
 
 class _PassLog(FakeBackend):
@@ -311,9 +358,9 @@ class _PassLog(FakeBackend):
         return super().forward_all(tokens, rows)
 
 
-def test_the_cost_model_times_single_steps_and_verifications_only() -> None:
-    # A pass of forced tokens returns only its last row: timing it as a verification of that
-    # size would make drafts of that size look cheaper than they are.
+def test_the_cost_model_times_every_pass_with_the_rows_it_returned() -> None:
+    # A pass of forced tokens returns only its last row, a verification the rows where the next
+    # token is sampled: timing either as a pass of every row would misjudge drafts of that size.
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "quote": {"type": "string"}},
               "required": ["name", "quote"], "additionalProperties": False}
     fmt = {"type": "json_schema", "json_schema": {"name": "q", "schema": schema}}
@@ -325,7 +372,8 @@ def test_the_cost_model_times_single_steps_and_verifications_only() -> None:
     assert ("all rows", 1) not in in_loop
     assert any(kind == "last row" and n > 1 for kind, n in in_loop), "no pass of forced tokens ran"
     assert any(kind == "all rows" for kind, n in in_loop), "no draft was verified"
-    assert costs.timed == [n for kind, n in in_loop if kind == "all rows" or n == 1]
+    verifications = iter(backend.outputs)
+    assert costs.timed == [next(verifications) if kind == "all rows" else (n, 1) for kind, n in in_loop]
 
 
 JSON_REPLY = f'{{"name": "Stevenson", "quote": "{PASSAGE}", "keeper": "Stevenson", "built": "1828"}}'
