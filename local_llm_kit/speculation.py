@@ -175,9 +175,11 @@ class PromptLookup:
     tokens were kept at 88 to 100%, after 2 or 3 tokens at 12 to 34%.) So acceptance is learned per class
     of match length (:data:`MATCH_CLASSES`), from this generation's own drafts.
 
-    How much of a continuation to verify is a cost decision (:meth:`draft`): the expected tokens a
-    pass yields (one, plus the draft's expected accepted prefix) against what a pass of that size
-    costs on this engine (:class:`PassCosts`). A draft no length of which beats plain decoding is
+    How much of a continuation to verify is a cost decision (:meth:`plan`): what the passes plain
+    decoding would make for the draft's expected accepted prefix cost, against what one pass of
+    the draft's positions and rows costs on this engine (:class:`PassCosts`). Tokens a grammar
+    forces are no gain there: plain decoding evaluates a forced run in one pass as well. A draft
+    no length of which beats plain decoding is
     not verified; its first token is still compared with the token the step then chooses, so
     acceptance keeps being learned for free and drafting resumes when the reply starts copying.
     """
@@ -188,7 +190,7 @@ class PromptLookup:
     DECAY = 0.9
     """Weight left to earlier acceptance observations at each new one: about the last ten count."""
     MIN_GAIN = 1.05
-    """Expected tokens per unit of pass cost a draft must reach (plain decoding: 1)."""
+    """How many times cheaper than plain decoding's passes a draft's pass must be expected to be."""
     PRIORS = ((1.0, 1.0), (1.0, 1.0), (3.0, 1.0))
     """(kept, rejected) pseudo-counts each match class starts from: one half for short matches,
     three quarters for long ones, until this generation's drafts say otherwise."""
