@@ -22,7 +22,10 @@ import numpy as np
 
 from local_llm_kit.errors import InvalidRequestError
 
-__all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "PassCosts", "PromptLookup", "SpeculationStats", "draft_tokens"]
+__all__ = [
+    "DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "PassCosts", "PassPrices", "PromptLookup", "SpeculationStats",
+    "draft_tokens",
+]
 
 
 DEFAULT_DRAFT_TOKENS = 8
@@ -108,24 +111,20 @@ class PassCosts:
 
     def cost(self, positions: int, rows: int) -> float:
         """Cost of a pass of ``positions`` positions returning ``rows`` rows, as a multiple of a
-        one-position pass. Until a pass returning fewer rows than positions has been timed, rows
-        are taken to cost nothing apart (the every-row curve); a pass returning one row costs what
+        one-position pass (see :meth:`prices`)."""
+        return self.prices(positions).cost(positions, rows)
+
+    def prices(self, positions: int) -> PassPrices:
+        """The costs of passes of up to ``positions`` positions, worked out once for one decision.
+
+        Until a pass returning fewer rows than positions has been timed, rows are taken to cost
+        nothing apart (the every-row curve of :meth:`shares`); a pass returning one row costs what
         its own curve says; between, the first row's cost plus a learned cost per further row (at
         most a timed pass of every row), or, before that is learned, a share of the every-row pass
         in proportion to the rows."""
-        every_row = self.shares(positions)[-1]
         single = self._seconds.get(1)
-        if rows >= positions or not self._one_row or not single:
-            return every_row
-        one_row = self._one_row_shares(positions)[-1]
-        if rows == 1:
-            return one_row
-        if self._row_share is None:
-            return one_row + max(0.0, every_row - one_row) * (rows - 1) / (positions - 1)
-        estimate = one_row + self._row_share * (rows - 1)
-        if positions in self._seconds:  # a timed pass of every row bounds it (an extrapolated one does not)
-            estimate = min(estimate, every_row)
-        return max(one_row, estimate)
+        one_row = self._one_row_shares(positions) if single and self._one_row else None
+        return PassPrices(self.shares(positions), one_row, self._row_share, frozenset(self._seconds))
 
     def _one_row_shares(self, positions: int) -> list[float]:
         single = self._seconds[1]
@@ -162,6 +161,34 @@ def _curve(seconds: dict[int, float], single: float, positions: int, prior_extra
         else:
             out.append(anchor_share + slope * (size - anchor))
     return out
+
+
+@dataclass(frozen=True)
+class PassPrices:
+    """Pass costs for one draft decision, as multiples of a one-position pass (:meth:`PassCosts.prices`)."""
+
+    every_row: list[float]
+    """Index ``n - 1``: a pass of ``n`` positions returning every row."""
+    one_row: list[float] | None
+    """Index ``n - 1``: a pass of ``n`` positions returning the last row; None: none timed yet."""
+    row_share: float | None
+    """A row beyond the first; None: not learned yet."""
+    timed: frozenset[int]
+    """Sizes whose every-row pass was timed, which bound the learned row cost."""
+
+    def cost(self, positions: int, rows: int) -> float:
+        every_row = self.every_row[positions - 1]
+        if rows >= positions or self.one_row is None:
+            return every_row
+        one_row = self.one_row[positions - 1]
+        if rows == 1:
+            return one_row
+        if self.row_share is None:
+            return one_row + max(0.0, every_row - one_row) * (rows - 1) / (positions - 1)
+        estimate = one_row + self.row_share * (rows - 1)
+        if positions in self.timed:  # a timed pass of every row bounds it (an extrapolated one does not)
+            estimate = min(estimate, every_row)
+        return max(one_row, estimate)
 
 
 class PromptLookup:
@@ -303,7 +330,7 @@ class PromptLookup:
         later passes for as long as its sampled tokens are kept. A draft ends only before a
         sampled token, so that a forced run is not split between two passes."""
         p = self.acceptance
-        costs = self.costs
+        costs = self.costs.prices(pending + len(outputs) - 1)
         plain = costs.cost(pending, 1)
         best_length, best_gain = 0, self.MIN_GAIN
         kept = 1.0  # the chance that every sampled token of the draft so far is kept
