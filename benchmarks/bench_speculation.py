@@ -6,6 +6,8 @@ speculation must not slow decoding down). Each task runs with ``prompt_lookup`` 
 by round on one loaded model (greedy, same prompt, KV cache cleared before each run so both start
 cold), and the replies are checked to be identical. Decode tokens/s excludes the prefill: it is
 completion tokens after the first over the time from the first streamed token to the last.
+"copied" is the share of the plain reply's tokens that end a 4-token run found earlier in the
+prompt or reply: how much the model actually copied, which bounds what drafting can gain.
 
     python benchmarks/bench_speculation.py --backends llama.cpp transformers
 
@@ -103,6 +105,21 @@ class Runner:
         return {"tok_s": (tokens - 1) / max(last - first, 1e-9), "tokens": float(tokens)}
 
 
+def copied_share(prompt: list[int], reply: list[int], span: int = 4) -> float:
+    """The share of ``reply``'s tokens that end a run of ``span`` tokens found earlier in the prompt
+    or the reply: what prompt lookup can draft after a match of that length. It measures how much
+    the model copied, which bounds what speculation can gain, whatever the pass costs."""
+    sequence = list(prompt)
+    seen = {tuple(sequence[i:i + span]) for i in range(len(sequence) - span + 1)}
+    copied = 0
+    for token in reply:
+        sequence.append(token)
+        gram = tuple(sequence[-span:])
+        copied += gram in seen
+        seen.add(gram)
+    return copied / max(len(reply), 1)
+
+
 def run(model: str, backend: str, threads: int | None, max_tokens: int, runs: int,
         load_options: dict[str, Any]) -> dict[str, Any]:
     client = LLMClient(model, backend=backend, temperature=0, n_threads=threads, kv_slots=1, **load_options).load()
@@ -115,7 +132,10 @@ def run(model: str, backend: str, threads: int | None, max_tokens: int, runs: in
             "on": lambda t=task: runner.decode_rate(t, True),
         }, runs=runs)
         PromptLookup.stats = None
-        out[task] = {"off_tok_s": result["off"]["tok_s"], "on_tok_s": result["on"]["tok_s"],
+        prompt = client.engine.encode(TASKS[task]["messages"], tools=TASKS[task].get("tools"))
+        reply = client.engine.backend.tokenize(runner.replies[(task, False)])
+        out[task] = {"copied": copied_share(prompt, reply),
+                     "off_tok_s": result["off"]["tok_s"], "on_tok_s": result["on"]["tok_s"],
                      "ratio": result["on"]["tok_s"] / result["off"]["tok_s"], "tokens": result["off"]["tokens"],
                      "same_reply": runner.replies[(task, False)] == runner.replies[(task, True)],
                      "acceptance": stats.accepted / max(stats.drafted, 1),
@@ -139,17 +159,17 @@ def main() -> None:
     load_options = {k: v for k, v in {"model_path": args.model_path, "device": args.device,
                                       "dtype": args.dtype}.items() if v is not None}
     results: dict[str, Any] = {}
-    table = ["| backend | model | task | tokens | off tok/s | on tok/s | on/off | drafts kept | tokens / pass "
-             "| same reply |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = ["| backend | model | task | tokens | copied | off tok/s | on tok/s | on/off | drafts kept "
+             "| tokens / pass | same reply |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for backend in args.backends:
         for model in args.models:
             res = run(model, backend, args.threads, args.max_tokens, args.runs, load_options)
             results[f"{backend}/{model}"] = res
             for task, r in res.items():
-                table.append(f"| {backend} | {model} | {task} | {r['tokens']:.0f} | {r['off_tok_s']:.1f} | "
-                             f"{r['on_tok_s']:.1f} | {r['ratio']:.2f}x | {r['acceptance']:.0%} | "
-                             f"{r['tokens_per_verification']:.2f} | {r['same_reply']} |")
+                table.append(f"| {backend} | {model} | {task} | {r['tokens']:.0f} | {r['copied']:.0%} | "
+                             f"{r['off_tok_s']:.1f} | {r['on_tok_s']:.1f} | {r['ratio']:.2f}x | "
+                             f"{r['acceptance']:.0%} | {r['tokens_per_verification']:.2f} | {r['same_reply']} |")
     write_results(args.out, {"threads": args.threads, "cpu_count": os.cpu_count(),  # threads None: the default
                              "max_tokens": args.max_tokens, "results": results}, table)
 
