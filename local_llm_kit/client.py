@@ -147,10 +147,12 @@ class _BaseClient:
             assert self.settings.base_url is not None  # resolve_settings requires it
             self._remote = RemoteEndpoint(self.settings.base_url, api_key=self.settings.api_key, model=model,
                                           timeout=timeout, max_retries=2 if max_retries is None else max_retries)
-        elif timeout is not None or max_retries is not None:
-            name = "timeout" if timeout is not None else "max_retries"
-            raise InvalidRequestError(f"{name} only applies to backend='openai'; in-process, pass timeout= to "
-                                      "create()", param=name)
+        elif timeout is not None:
+            raise InvalidRequestError("timeout= of the client only applies to backend='openai' (the HTTP "
+                                      "request's); in-process, pass timeout= to create()", param="timeout")
+        elif max_retries is not None:
+            raise InvalidRequestError("max_retries only applies to backend='openai' (retrying a failed HTTP "
+                                      "request); an in-process model has no connection to retry", param="max_retries")
 
     # -- model ----------------------------------------------------------------------------
     @property

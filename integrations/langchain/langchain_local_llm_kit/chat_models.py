@@ -8,17 +8,15 @@ exact token counts, unsupported parameters rejected with ``InvalidRequestError``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Literal, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LangSmithParams, LanguageModelInput, ModelProfile
-from langchain_core.language_models.chat_models import BaseChatModel, generate_from_stream
+from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
@@ -33,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model
 from typing_extensions import Self
 
 from langchain_local_llm_kit.messages import ai_message_from_openai, to_openai_messages
-from local_llm_kit import AsyncLLMClient, CompletionChunk, CompletionResponse, LLMClient
+from local_llm_kit import AsyncLLMClient, CompletionChunk, CompletionResponse, GenerationTimeoutError, LLMClient
 
 __all__ = ["ChatLocalLLMKit"]
 
@@ -113,8 +111,8 @@ class ChatLocalLLMKit(BaseChatModel):
     streaming: bool = False
     """Generate through the streaming path even for ``invoke`` (callbacks see every token)."""
     timeout: float | None = Field(default=None, alias="request_timeout")
-    """Seconds a call may generate; checked between tokens, then :class:`TimeoutError` is raised
-    and generation stops. None: no limit."""
+    """Seconds a call may take; past it generation stops before its next token and
+    :class:`local_llm_kit.GenerationTimeoutError` (a :class:`TimeoutError`) is raised. None: no limit."""
     max_retries: int = Field(default=2, ge=0)
     """How many times a non-streaming call that timed out is retried (as OpenAI's client retries
     timeouts). A local model has no other transient failure, so nothing else is retried."""
@@ -255,8 +253,12 @@ class ChatLocalLLMKit(BaseChatModel):
         stop = stop if stop is not None else self.stop
         if stop:
             params["stop"] = list(stop)
+        if self.timeout is not None:
+            params["timeout"] = self.timeout  # the client stops generation between tokens when it passes
         kwargs = dict(kwargs)
         kwargs.pop("stream", None)  # LangChain's own routing flag; the path is chosen by stream=
+        if kwargs.get("response_format") is not None:  # a pydantic class or schema, as ChatOpenAI takes
+            kwargs["response_format"] = _response_format(kwargs["response_format"], None)
         params.update(kwargs)
         params["messages"] = to_openai_messages(messages)
         if stream:
@@ -265,12 +267,6 @@ class ChatLocalLLMKit(BaseChatModel):
             params["stream"] = True
             params["stream_options"] = {"include_usage": True}  # usage exactly once, on the last chunk
         return params
-
-    def _deadline(self) -> float | None:
-        return None if self.timeout is None else time.monotonic() + self.timeout
-
-    def _timed_out(self) -> TimeoutError:
-        return TimeoutError(f"generation took longer than timeout={self.timeout} seconds")
 
     def _result(self, response: CompletionResponse) -> ChatResult:
         usage = _usage(response.usage.prompt_tokens, response.usage.completion_tokens)
@@ -290,6 +286,20 @@ class ChatLocalLLMKit(BaseChatModel):
         return ChatResult(generations=generations,
                           llm_output={"token_usage": response.usage.model_dump(), "model_name": response.model,
                                       "system_fingerprint": response.system_fingerprint})
+
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """One ``llm_output`` for a ``generate()`` over several prompts: token usage summed."""
+        usage: dict[str, int] = {}
+        combined: dict[str, Any] = {"model_name": self.model_name}
+        for output in llm_outputs:
+            if not output:
+                continue
+            for key, value in (output.get("token_usage") or {}).items():
+                if isinstance(value, int):
+                    usage[key] = usage.get(key, 0) + value
+            combined["system_fingerprint"] = output.get("system_fingerprint")
+        combined["token_usage"] = usage
+        return combined
 
     @staticmethod
     def _chunks(chunk: CompletionChunk) -> Iterator[ChatGenerationChunk]:
@@ -325,14 +335,12 @@ class ChatLocalLLMKit(BaseChatModel):
     # -- sync --------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        if self.timeout is None:
-            params = self._request(messages, stop, kwargs, stream=False)
-            return self._result(self.sync_client.chat.completions.create(**params))
-        # With a timeout, generate through the stream so it can be stopped between tokens.
+        params = self._request(messages, stop, kwargs, stream=False)
+        create = self.sync_client.chat.completions.create
         for attempt in range(self.max_retries + 1):
             try:
-                return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-            except TimeoutError:
+                return _parsed(self._result(create(**params)), kwargs.get("response_format"))
+            except GenerationTimeoutError:
                 if attempt == self.max_retries:
                     raise
                 logger.warning("generation timed out after %s s; retrying (%d of %d)", self.timeout,
@@ -342,15 +350,13 @@ class ChatLocalLLMKit(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         params = self._request(messages, stop, kwargs, stream=True)
-        deadline = self._deadline()
+        # A stream that has started is not retried (its tokens have been shown): a timeout raises.
         with self.sync_client.chat.completions.create(**params) as stream:
             for chunk in stream:
                 for generation in self._chunks(chunk):
                     if run_manager is not None:
                         run_manager.on_llm_new_token(generation.text, chunk=generation)
                     yield generation
-                if deadline is not None and time.monotonic() > deadline:
-                    raise self._timed_out()  # leaving the with block stops generation
 
     # -- async -------------------------------------------------------------------------------
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -359,15 +365,10 @@ class ChatLocalLLMKit(BaseChatModel):
         create = self.aclient.chat.completions.create
         for attempt in range(self.max_retries + 1):
             try:
-                if self.timeout is None:
-                    response = await create(**params)
-                else:
-                    # Cancelling the call (wait_for does on timeout) stops generation before its next token.
-                    response = await asyncio.wait_for(create(**params), self.timeout)
-                return self._result(response)
-            except asyncio.TimeoutError:
+                return _parsed(self._result(await create(**params)), kwargs.get("response_format"))
+            except GenerationTimeoutError:
                 if attempt == self.max_retries:
-                    raise self._timed_out() from None
+                    raise
                 logger.warning("generation timed out after %s s; retrying (%d of %d)", self.timeout,
                                attempt + 1, self.max_retries)
         raise AssertionError("unreachable")
@@ -376,20 +377,9 @@ class ChatLocalLLMKit(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         params = self._request(messages, stop, kwargs, stream=True)
-        deadline = self._deadline()
         stream = await self.aclient.chat.completions.create(**params)
         try:
-            iterator = stream.__aiter__()
-            while True:
-                try:
-                    if deadline is None:
-                        chunk = await iterator.__anext__()
-                    else:
-                        chunk = await asyncio.wait_for(iterator.__anext__(), max(deadline - time.monotonic(), 0))
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    raise self._timed_out() from None
+            async for chunk in stream:
                 for generation in self._chunks(chunk):
                     if run_manager is not None:
                         await run_manager.on_llm_new_token(generation.text, chunk=generation)
@@ -423,7 +413,7 @@ class ChatLocalLLMKit(BaseChatModel):
             kwargs["tools"] = formatted
         if tool_choice is not None:
             choice = _tool_choice(tool_choice, names)
-            if choice is not None:
+            if choice is not None and formatted:  # "none" without tools: nothing to choose from
                 kwargs["tool_choice"] = choice
         if parallel_tool_calls is not None:
             if not formatted:
@@ -487,6 +477,18 @@ class ChatLocalLLMKit(BaseChatModel):
         parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
         with_fallback = parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
         return RunnableMap(raw=model) | with_fallback
+
+
+def _parsed(result: ChatResult, response_format: Any) -> ChatResult:
+    """With a pydantic class as ``response_format``, each reply's object in
+    ``additional_kwargs["parsed"]``, as ChatOpenAI gives it (the JSON is the schema's: decoding
+    was constrained to it)."""
+    if isinstance(response_format, type) and issubclass(response_format, BaseModel):
+        for generation in result.generations:
+            message = generation.message
+            if isinstance(message.content, str) and message.content and not getattr(message, "tool_calls", None):
+                message.additional_kwargs["parsed"] = response_format.model_validate_json(message.content)
+    return result
 
 
 def _tool_choice(choice: dict[str, Any] | str | bool, names: list[str]) -> dict[str, Any] | str | None:

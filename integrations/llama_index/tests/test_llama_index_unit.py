@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from typing import Any
 
 import pytest
@@ -16,13 +17,14 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     ToolCallBlock,
 )
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from llama_index.llms.local_llm_kit import LocalLLMKit, LocalLLMKitMemory, StructuredOutputError
 from llama_index.llms.local_llm_kit._convert import message_from_openai, to_openai_messages
 from pydantic import BaseModel, Field
 
-from local_llm_kit import InvalidRequestError
+from local_llm_kit import GenerationTimeoutError, InvalidRequestError
 from local_llm_kit.testing import FakeBackend, fake_client
 
 
@@ -90,6 +92,52 @@ def test_bad_parameters_raise(kwargs: dict[str, Any], param: str) -> None:
     assert error.value.param == param
 
 
+@pytest.mark.parametrize(("name", "hint"), [("context_window", "context_length"), ("temprature", "temperature"),
+                                             ("request_timeout", "timeout"), ("model_kwargs", "additional_kwargs")])
+def test_unknown_fields_raise_with_the_field_meant(name: str, hint: str) -> None:
+    # pydantic would drop them without a word: the setting would silently do nothing
+    with pytest.raises(InvalidRequestError, match=f"did you mean '{hint}'") as error:
+        LocalLLMKit(**{name: 1})
+    assert error.value.param == name
+
+
+def test_settings_that_need_a_server_raise_at_construction() -> None:
+    with pytest.raises(InvalidRequestError, match="retrying a failed HTTP request") as error:
+        LocalLLMKit(max_retries=3)
+    assert error.value.param == "max_retries"
+
+
+def test_timeout_stops_an_in_process_call() -> None:
+    def slow(prompt: str) -> str:
+        time.sleep(0.02)
+        return "word " * 100
+
+    backend = FakeBackend(slow)
+    llm = LocalLLMKit(client=fake_client(backend=backend, temperature=0), timeout=0.1)
+    started = time.monotonic()
+    with pytest.raises(GenerationTimeoutError, match=r"timeout of 0\.1 s"):
+        llm.complete("hi")
+    assert time.monotonic() - started < 2.0  # stopped, not run to the reply's 500 steps (10 s)
+
+
+def test_one_llm_event_per_call() -> None:
+    # complete() and its kin go through chat(): LlamaIndex's token counter must see one event, not two
+    llm = make_llm()
+    counter = TokenCountingHandler(tokenizer=lambda text: list(text.encode()))
+    llm.callback_manager = CallbackManager([counter])
+    calls = {"chat": lambda: llm.chat([user("hi")]), "complete": lambda: llm.complete("hi"),
+             "stream_complete": lambda: list(llm.stream_complete("hi")),
+             "acomplete": lambda: asyncio.run(llm.acomplete("hi"))}
+    usage = llm.chat([user("hi")]).raw["usage"]
+    for name, call in calls.items():
+        counter.reset_counts()
+        call()
+        assert len(counter.llm_token_counts) == 1, name
+        event = counter.llm_token_counts[0]
+        assert (event.prompt_token_count, event.completion_token_count) == (usage["prompt_tokens"],
+                                                                           usage["completion_tokens"]), name
+
+
 def test_client_with_memory_enabled_raises() -> None:
     client = fake_client(reply="x")
     client.enable_memory(100)
@@ -117,6 +165,15 @@ def test_stream_chat_deltas_and_usage() -> None:
     assert "".join(c.delta or "" for c in chunks) == "Hello there!"
     assert [c.message.content for c in chunks if c.delta][-1] == "Hello there!"
     assert chunks[-1].additional_kwargs["completion_tokens"] > 0
+
+
+def test_stream_chat_carries_the_logprobs_chat_gives() -> None:
+    llm = make_llm()
+    expected = llm.chat([user("hi")], logprobs=True, top_logprobs=2).logprobs
+    streamed = list(llm.stream_chat([user("hi")], logprobs=True, top_logprobs=2))
+    assert expected is not None and len(expected) == len(b"Hello there!") + 1
+    assert streamed[-1].logprobs == expected
+    assert list(llm.stream_complete("hi", logprobs=True, top_logprobs=2))[-1].logprobs == expected
 
 
 async def test_async_forms() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.messages.utils import trim_messages
 from langchain_core.tools import tool
@@ -23,7 +24,7 @@ from langchain_local_llm_kit import (
 )
 from pydantic import BaseModel, ValidationError
 
-from local_llm_kit import InvalidRequestError, LLMClient, TokenLimitError
+from local_llm_kit import GenerationTimeoutError, InvalidRequestError, LLMClient, TokenLimitError
 from local_llm_kit.testing import FakeBackend, fake_client
 
 
@@ -163,11 +164,43 @@ def test_timeout_stops_generation_and_retries() -> None:
         time.sleep(0.02)
         return "word " * 100
 
+    tokens = _TokenRecorder()
     model = fake_model(slow, temperature=0, timeout=0.1, max_retries=1)
-    with pytest.raises(TimeoutError, match=r"timeout=0\.1"):
-        model.invoke("Hi")
+    with pytest.raises(GenerationTimeoutError, match=r"timeout of 0\.1 s"):
+        model.invoke("Hi", config={"callbacks": [tokens]})
     # two attempts (one retry), each stopped well before the reply's 500 steps
     assert 2 <= len(calls) < 200
+    assert tokens.tokens == []  # not streamed: the failed attempts' tokens reached no callback
+
+
+class _TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+def test_a_timeout_changes_nothing_but_the_time_limit() -> None:
+    plain = fake_model("one two three", temperature=0)
+    timed = fake_model("one two three", temperature=0, timeout=30)
+    expected, reply = plain.invoke("Hi"), timed.invoke("Hi", config={"callbacks": [tokens := _TokenRecorder()]})
+    assert reply.content == expected.content and reply.usage_metadata == expected.usage_metadata
+    assert reply.id is not None and reply.id.startswith("chatcmpl-")
+    assert tokens.tokens == []  # invoke stays off the streaming path
+    both = fake_model("one two three", temperature=0, timeout=30, n=2).invoke("Hi")
+    assert both.content == "one two three"
+
+
+def test_generate_sums_token_usage_over_prompts() -> None:
+    model = fake_model("one two three", temperature=0)
+    result = model.generate([[HumanMessage("Hi")], [HumanMessage("Hello, how are you?")]])
+    replies = [generation[0].message for generation in result.generations]
+    assert result.llm_output is not None
+    usage = result.llm_output["token_usage"]
+    assert usage["prompt_tokens"] == sum(r.usage_metadata["input_tokens"] for r in replies)  # type: ignore[index]
+    assert usage["total_tokens"] == sum(r.usage_metadata["total_tokens"] for r in replies)  # type: ignore[index]
+    assert result.llm_output["model_name"] == "fake-model"
 
 
 def test_client_errors_surface_unchanged() -> None:
@@ -231,6 +264,18 @@ def test_response_format_passes_through_bind_tools() -> None:
     bound = _bound(fake_model().bind_tools([add], response_format=Person, strict=True))
     assert bound["response_format"]["json_schema"]["name"] == "Person"
     assert bound["response_format"]["json_schema"]["strict"] is True
+
+
+def test_a_pydantic_class_as_response_format_is_honoured_and_parsed() -> None:
+    model = fake_model('{"name": "Ann", "age": 3}', temperature=0)
+    for reply in (model.invoke("Hi", response_format=Person), model.bind(response_format=Person).invoke("Hi")):
+        assert reply.additional_kwargs["parsed"] == Person(name="Ann", age=3)
+
+
+def test_tool_choice_none_without_tools_binds_nothing() -> None:
+    model = fake_model("Hello there!")
+    assert _bound(model.bind_tools([], tool_choice="none")) == {}
+    assert model.bind_tools([], tool_choice="none").invoke("Hi").content == "Hello there!"
 
 
 def test_tool_message_history_round_trips() -> None:

@@ -182,6 +182,7 @@ class StreamAccumulator:
         self._calls: dict[int, dict[str, str]] = {}
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
+        self.logprobs: list[list[LogProb]] | None = None  # of the tokens so far, as chat() gives them
 
     def add(self, chunk: CompletionChunk) -> ChatResponse:
         delta_text = ""
@@ -197,12 +198,15 @@ class StreamAccumulator:
                     entry["name"] += call.function.name or ""
                     entry["arguments"] += call.function.arguments or ""
             self.finish_reason = choice.finish_reason or self.finish_reason
+            logprobs = _logprobs(choice)
+            if logprobs:
+                self.logprobs = [*(self.logprobs or []), *logprobs]
         additional: dict[str, Any] = {}
         if chunk.usage is not None:
             self.usage = _usage(chunk.usage)
             additional = dict(self.usage)
         return ChatResponse(message=self.message(), delta=delta_text, raw=chunk.model_dump(),
-                            additional_kwargs=additional)
+                            additional_kwargs=additional, logprobs=self.logprobs)
 
     def message(self) -> ChatMessage:
         calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}

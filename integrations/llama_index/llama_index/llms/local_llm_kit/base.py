@@ -12,6 +12,7 @@ structured output use the client's constrained decoding, so arguments and JSON a
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,12 @@ dispatcher = get_dispatcher(__name__)
 _TOOL_CHOICES = ("auto", "none", "required")
 # LocalLLMKit fields that are LLMClient settings (given to the client it creates).
 _CLIENT_SETTINGS = ("model_path", "backend", "context_length", "cache_dir", "n_threads", "dtype", "device",
-                    "base_url", "api_key", "timeout", "max_retries")
+                    "base_url", "api_key", "max_retries")
+# Names other LlamaIndex LLMs use for a field of ours (a typo gets the closest field name instead).
+_OTHER_NAMES = {"context_window": "context_length", "num_ctx": "context_length", "n_ctx": "context_length",
+                "request_timeout": "timeout", "model_name": "model", "num_output": "max_tokens",
+                "max_new_tokens": "max_tokens", "model_kwargs": "additional_kwargs",
+                "generate_kwargs": "additional_kwargs"}
 
 
 class LocalLLMKit(FunctionCallingLLM):
@@ -79,7 +85,9 @@ class LocalLLMKit(FunctionCallingLLM):
     device: str | None = Field(default=None, description="transformers backend device.")
     base_url: str | None = Field(default=None, description="backend='openai': the server's URL up to /v1.")
     api_key: str | None = Field(default=None, exclude=True, repr=False, description="backend='openai': bearer key.")
-    timeout: float | None = Field(default=None, description="backend='openai': seconds per request.")
+    timeout: float | None = Field(default=None, gt=0, description="Seconds a call may take: in-process, generation "
+                                  "stops before its next token and GenerationTimeoutError is raised; "
+                                  "backend='openai': the HTTP request's timeout.")
     max_retries: int | None = Field(default=None, description="backend='openai': retries of a failed request.")
     additional_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="More create() parameters for every call (seed, stop, ...).")
@@ -89,6 +97,7 @@ class LocalLLMKit(FunctionCallingLLM):
 
     def __init__(self, model: str | None = None, *, client: LLMClient | None = None,
                  async_client: AsyncLLMClient | None = None, **kwargs: Any) -> None:
+        _check_field_names(kwargs)
         given = client or async_client
         if given is not None:
             clashing = sorted(k for k in _CLIENT_SETTINGS if kwargs.get(k) is not None)
@@ -100,7 +109,8 @@ class LocalLLMKit(FunctionCallingLLM):
             model, kwargs["backend"], kwargs["context_length"] = (settings.model, settings.backend,
                                                                   settings.context_length)
         super().__init__(model=model, **kwargs)
-        self._client = client
+        # Created now (the weights load on first use) so that bad settings raise here, not at the first call.
+        self._client = client if given is not None else LLMClient(**self._settings_kwargs())
         self._async_client = async_client
 
     @classmethod
@@ -166,6 +176,8 @@ class LocalLLMKit(FunctionCallingLLM):
             params["temperature"] = self.temperature
         if self.top_p is not None:
             params["top_p"] = self.top_p
+        if self.timeout is not None:
+            params["timeout"] = self.timeout
         params.update(self.additional_kwargs)
         params.update(kwargs)
         if "stream" in params:
@@ -182,14 +194,30 @@ class LocalLLMKit(FunctionCallingLLM):
         return params
 
     # -- chat ------------------------------------------------------------------------------------
+    # The public methods carry LlamaIndex's callback decorators; complete() and its kin call the
+    # undecorated ones, so that one call is one LLM event (token counters would count it twice).
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, **kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._stream_chat(messages, **kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await self._achat(messages, **kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return await self._astream_chat(messages, **kwargs)
+
+    def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         completions = self._checked(self.client)
         response = completions.create(messages=_convert.to_openai_messages(messages), **self._params(kwargs))
         return _convert.chat_response_from_completion(response)
 
-    @llm_chat_callback()
-    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+    def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         completions = self._checked(self.client)
         # Created here, not in the generator, so a bad request raises at the call.
         stream = completions.create(messages=_convert.to_openai_messages(messages),
@@ -203,15 +231,13 @@ class LocalLLMKit(FunctionCallingLLM):
 
         return gen()
 
-    @llm_chat_callback()
-    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+    async def _achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         completions = self._checked(self.async_client)
         # Generation runs in a worker thread; cancelling this task stops it before its next token.
         response = await completions.create(messages=_convert.to_openai_messages(messages), **self._params(kwargs))
         return _convert.chat_response_from_completion(response)
 
-    @llm_chat_callback()
-    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+    async def _astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         completions = self._checked(self.async_client)
         stream = await completions.create(messages=_convert.to_openai_messages(messages),
                                           **self._params(kwargs, stream=True))
@@ -229,11 +255,11 @@ class LocalLLMKit(FunctionCallingLLM):
     # -- completion (a chat with one user message) --------------------------------------------
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return _convert.completion_from_chat(self.chat([_user(prompt)], **kwargs))
+        return _convert.completion_from_chat(self._chat([_user(prompt)], **kwargs))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        responses = self.stream_chat([_user(prompt)], **kwargs)
+        responses = self._stream_chat([_user(prompt)], **kwargs)
 
         def gen() -> Generator[CompletionResponse, None, None]:
             for response in responses:
@@ -243,12 +269,12 @@ class LocalLLMKit(FunctionCallingLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return _convert.completion_from_chat(await self.achat([_user(prompt)], **kwargs))
+        return _convert.completion_from_chat(await self._achat([_user(prompt)], **kwargs))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
-        responses = await self.astream_chat([_user(prompt)], **kwargs)
+        responses = await self._astream_chat([_user(prompt)], **kwargs)
 
         async def gen() -> AsyncGenerator[CompletionResponse, None]:
             async for response in responses:
@@ -329,6 +355,16 @@ class LocalLLMKit(FunctionCallingLLM):
             return await super().astream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = _structured.start(self, output_cls, prompt, llm_kwargs, prompt_args)
         return _structured.astream(output_cls, await self.astream_chat(messages, **kwargs))
+
+
+def _check_field_names(kwargs: dict[str, Any]) -> None:
+    """Raise on a keyword that is no field: pydantic would drop it without a word (a misspelled
+    ``temprature``, or ``context_window`` as other LlamaIndex LLMs call it, would do nothing)."""
+    fields = set(LocalLLMKit.model_fields)
+    for name in sorted(set(kwargs) - fields):
+        other = _OTHER_NAMES.get(name) or next(iter(difflib.get_close_matches(name, fields, n=1)), None)
+        hint = f"; did you mean {other!r}?" if other else f"; the fields are {sorted(fields)}"
+        raise InvalidRequestError(f"LocalLLMKit has no field {name!r}{hint}", param=name)
 
 
 def _user(prompt: str) -> ChatMessage:
