@@ -28,6 +28,7 @@ from local_llm_kit.types import (
     CompletionChunk,
     CompletionResponse,
     Delta,
+    Message,
     TokenLogprob,
     Usage,
 )
@@ -132,8 +133,8 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
                     engine.remember_generation(prepared.reply_place, message.content, finished.token_ids)
                 completion_tokens += finished.completion_tokens
                 choices.append(Choice(index=index, message=message, finish_reason=reason,
-                                      logprobs=ChoiceLogprobs(content=logprobs) if prepared.request.logprobs
-                                      else None))
+                                      logprobs=ChoiceLogprobs(content=_content_logprobs(logprobs, message))
+                                      if prepared.request.logprobs else None))
     prompt_tokens = len(prepared.prompt)
     return CompletionResponse(
         id=_new_id(), created=int(time.time()), model=prepared.model_name, choices=choices,
@@ -141,6 +142,21 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
                     total_tokens=prompt_tokens + completion_tokens),
         system_fingerprint=engine.fingerprint,
     )
+
+
+def _content_logprobs(entries: list[TokenLogprob], message: Message) -> list[TokenLogprob] | None:
+    """The entries of the tokens that spell ``message.content``, as OpenAI's ``logprobs.content``
+    is: neither a tool call's tokens (its envelope, its arguments) nor a stop string's are content."""
+    if message.content is None:
+        return None
+    size = len(message.content.encode("utf-8"))  # bytes: a character may span two tokens
+    kept, length = [], 0
+    for entry in entries:
+        if length >= size:  # past the content: a stop string, or a tool call after the text
+            break
+        kept.append(entry)
+        length += len(entry.bytes or ())
+    return kept
 
 
 def _stepped(ticket: Ticket, events: Iterator[TextPiece | Finished]) -> Iterator[TextPiece | Finished]:
@@ -187,14 +203,19 @@ def stream(engine: Engine, prepared: PreparedChat,
             shaper = prepared.output.stream_shaper()
             yield chunk(index, Delta(role="assistant", content=""))
             texts: list[str] = []
+            # Logprobs ride on content deltas only (a tool call's tokens are no content, as in
+            # OpenAI's API); those of text held back (a possible stop string, a tool call's start)
+            # wait for the content they turn out to be, and are dropped if it is a call.
+            waiting: list[TokenLogprob] = []
             for event in _stepped(ticket, _run(engine, prepared, index, ticket, cancel)):
                 if isinstance(event, TextPiece):
                     texts.append(event.text)
-                    deltas = shaper.feed(event.text)
-                    for i, delta in enumerate(deltas):
-                        yield chunk(index, delta, logprobs=event.logprobs if i == 0 else None)
-                    if not deltas and event.logprobs and want_logprobs:
-                        yield chunk(index, Delta(content=""), logprobs=event.logprobs)
+                    waiting.extend(event.logprobs or ())
+                    for delta in shaper.feed(event.text):
+                        entries = None
+                        if want_logprobs and delta.content:
+                            entries, waiting = waiting, []
+                        yield chunk(index, delta, logprobs=entries)
                 else:
                     completion_tokens += event.completion_tokens
                     message, _ = prepared.output.finalize("".join(texts), event.reason)
@@ -202,7 +223,10 @@ def stream(engine: Engine, prepared: PreparedChat,
                         engine.remember_generation(prepared.reply_place, message.content, event.token_ids)
                     deltas, reason = shaper.finish(event.reason)
                     for delta in deltas:
-                        yield chunk(index, delta)
+                        entries = None
+                        if want_logprobs and delta.content:
+                            entries, waiting = waiting, []
+                        yield chunk(index, delta, logprobs=entries)
                     yield chunk(index, Delta(), reason)
     if cancel is not None and cancel.is_set():
         return

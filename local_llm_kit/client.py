@@ -38,10 +38,11 @@ from local_llm_kit.errors import (
 from local_llm_kit.memory import ConversationMemory, split_turns
 from local_llm_kit.models import ResolvedModel, resolve_model
 from local_llm_kit.params import CompletionCreateParams, MessageParam, RequestOptions
+from local_llm_kit.parsing import parse_params, parsed_completion
 from local_llm_kit.request import ChatRequest, normalize_messages, validate_request
 from local_llm_kit.sharing import Shared, sibling
 from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
-from local_llm_kit.types import CompletionChunk, CompletionResponse, Message
+from local_llm_kit.types import CompletionChunk, CompletionResponse, Message, ParsedCompletion
 
 if TYPE_CHECKING:
     from local_llm_kit.remote import RemoteEndpoint
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
 _T = TypeVar("_T")
+_ParsedT = TypeVar("_ParsedT")
 
 # Parameters of OpenAI's API (and its Python client) that a local model cannot honour.
 # Passing one with a value other than None raises instead of being dropped.
@@ -501,6 +503,25 @@ class Completions(_Completions):
         self._remember(new_messages, response.choices[0].message)
         return response
 
+    @overload
+    def parse(self, *, response_format: type[_ParsedT], **params: Any) -> ParsedCompletion[_ParsedT]: ...
+
+    @overload
+    def parse(self, *, response_format: Mapping[str, Any] | None = None, **params: Any) -> ParsedCompletion[Any]: ...
+
+    def parse(self, *, response_format: type[Any] | Mapping[str, Any] | None = None,
+              **params: Any) -> ParsedCompletion[Any]:
+        """A completion with the reply parsed, as ``openai.OpenAI().chat.completions.parse``.
+
+        ``response_format`` may be a pydantic model class: the reply is decoded under its JSON
+        schema and ``choices[i].message.parsed`` is an instance. Strict tools' calls carry
+        ``function.parsed_arguments``. A reply cut by ``max_tokens`` raises
+        :class:`LengthFinishReasonError` (see :mod:`local_llm_kit.parsing`).
+        """
+        create_params, model = parse_params({**params, "response_format": response_format})
+        response = self.create(**create_params)
+        return parsed_completion(response, model, params.get("tools"))
+
 
 class AsyncCompletions(_Completions):
     """``client.chat.completions`` of :class:`AsyncLLMClient`; generation runs off the event loop."""
@@ -544,6 +565,20 @@ class AsyncCompletions(_Completions):
             raise
         self._remember(new_messages, response.choices[0].message)
         return response
+
+    @overload
+    async def parse(self, *, response_format: type[_ParsedT], **params: Any) -> ParsedCompletion[_ParsedT]: ...
+
+    @overload
+    async def parse(self, *, response_format: Mapping[str, Any] | None = None,
+                    **params: Any) -> ParsedCompletion[Any]: ...
+
+    async def parse(self, *, response_format: type[Any] | Mapping[str, Any] | None = None,
+                    **params: Any) -> ParsedCompletion[Any]:
+        """As :meth:`Completions.parse`; generation runs off the event loop."""
+        create_params, model = parse_params({**params, "response_format": response_format})
+        response = await self.create(**create_params)
+        return parsed_completion(response, model, params.get("tools"))
 
 
 def _in_thread(function: Callable[..., _R], *args: Any) -> asyncio.Future[_R]:

@@ -118,6 +118,15 @@ def prefill(backend: Backend, prompt: Sequence[int]) -> np.ndarray:
     return backend.forward(prompt[kept:])
 
 
+def _forced_entry(backend: Backend, token: int, top: int) -> TokenLogprob:
+    """A token the grammar forced: the only one the constrained distribution allowed (probability 1),
+    so that a reply's logprobs have one entry per token and spell out its text."""
+    raw = backend.token_bytes(token)
+    text = raw.decode("utf-8", errors="replace")
+    alternatives = [TopLogprob(token=text, logprob=0.0, bytes=list(raw))] if top else []
+    return TokenLogprob(token=text, logprob=0.0, bytes=list(raw), top_logprobs=alternatives)
+
+
 def _logprob_entry(backend: Backend, token: int, logprobs: np.ndarray, top: int) -> TokenLogprob:
     def describe(tid: int) -> tuple[str, list[int]]:
         raw = backend.token_bytes(tid)
@@ -212,7 +221,8 @@ def generate(
 
         text = decoder.feed(b"".join(backend.token_bytes(t) for t in new_tokens))
         visible, stopped = stops.push(text)
-        logprob_entries = None if entry is None else [entry]
+        logprob_entries = None if entry is None else [
+            entry, *(_forced_entry(backend, t, settings.top_logprobs or 0) for t in new_tokens[1:])]
         if stopped:
             yield TextPiece(visible, new_tokens, logprob_entries)
             yield Finished("stop", generated)

@@ -9,6 +9,7 @@ Every error the library raises on purpose derives from :class:`LocalLLMKitError`
     ├── InvalidRequestError       a parameter is malformed or unsupported (``.param`` names it)
     │   └── TokenLimitError       the prompt plus ``max_tokens`` does not fit the context
     ├── TemplateError             the model has no usable chat template
+    ├── LengthFinishReasonError   parse(): the reply was cut by max_tokens, so it is no whole object
     ├── GenerationCancelledError  a stream was closed or a task cancelled mid-generation
     │   └── GenerationTimeoutError  the request's ``timeout`` passed (also a TimeoutError)
     ├── ModelUnloadedError        the model was unloaded while a request waited for it or ran
@@ -26,6 +27,7 @@ __all__ = [
     "GenerationCancelledError",
     "GenerationTimeoutError",
     "InvalidRequestError",
+    "LengthFinishReasonError",
     "LocalLLMKitError",
     "ModelLoadError",
     "ModelNotFoundError",
@@ -106,3 +108,13 @@ class ClientClosedError(LocalLLMKitError):
 
 class GenerationTimeoutError(GenerationCancelledError, TimeoutError):
     """The request's ``timeout`` passed before it finished; generation stopped before its next token."""
+
+
+class LengthFinishReasonError(LocalLLMKitError):
+    """``chat.completions.parse()`` found a reply cut by ``max_tokens``: its JSON parses (the
+    grammar closed it in time) but the object may be incomplete, so it is not returned as one,
+    as openai's client raises its ``LengthFinishReasonError``. ``completion`` is the response."""
+
+    def __init__(self, message: str, *, completion: object) -> None:
+        super().__init__(message)
+        self.completion = completion

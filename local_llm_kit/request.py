@@ -87,6 +87,10 @@ class ChatRequest:
 
 
 def _as_dict(item: Any, where: str) -> dict[str, Any]:
+    if isinstance(item, type):
+        hint = ("for a pydantic class, call chat.completions.parse(response_format=YourModel), as with openai's "
+                "client" if where == "response_format" else "pass an instance")
+        raise InvalidRequestError(f"{where} must be a dict, got the class {item.__name__}; {hint}", param=where)
     if hasattr(item, "model_dump"):  # pydantic models (ours, openai's)
         item = item.model_dump(exclude_none=True)
     if not isinstance(item, Mapping):
@@ -94,9 +98,37 @@ def _as_dict(item: Any, where: str) -> dict[str, Any]:
     return dict(item)
 
 
+def _text(value: str, where: str) -> str:
+    """``value``, once it is known to be text the tokenizer can encode: a lone UTF-16 surrogate
+    (an emoji cut in half by a client that counts UTF-16 units) cannot be, and would fail deep in
+    the backend instead of naming the field."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidRequestError(
+                f"{where} is not valid Unicode text: it holds a lone surrogate "
+                f"{value[error.start:error.end]!r} at character {error.start} (half of a UTF-16 pair, as a "
+                "string cut inside an emoji has); send whole characters", param=where) from None
+    return value
+
+
+def _check_texts(value: Any, where: str) -> None:
+    """Every string in a JSON-like value (tools, schemas) is encodable text (see :func:`_text`)."""
+    if isinstance(value, str):
+        _text(value, where)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_texts(key, where)
+            _check_texts(item, f"{where}.{key}")
+    elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        for i, item in enumerate(value):
+            _check_texts(item, f"{where}[{i}]")
+
+
 def _content_text(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, where)
     if isinstance(content, Sequence):
         texts = []
         for i, part in enumerate(content):
@@ -105,7 +137,7 @@ def _content_text(content: Any, where: str) -> str:
                 raise InvalidRequestError(
                     f"{where}[{i}] has type {part.get('type')!r}; only text parts are supported "
                     "by local models", param=f"{where}[{i}].type")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}[{i}].text"))
         return "".join(texts)
     raise InvalidRequestError(f"{where} must be a string or a list of text parts", param=where)
 
@@ -120,8 +152,10 @@ def _normalize_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
             raise InvalidRequestError(
                 f"{where}[{i}].function needs string 'name' and 'arguments'", param=f"{where}[{i}].function")
-        normalized.append({"id": str(call.get("id", f"call_{i}")), "type": "function",
-                           "function": {"name": function["name"], "arguments": function["arguments"]}})
+        normalized.append({"id": _text(str(call.get("id", f"call_{i}")), f"{where}[{i}].id"), "type": "function",
+                           "function": {"name": _text(function["name"], f"{where}[{i}].function.name"),
+                                        "arguments": _text(function["arguments"],
+                                                           f"{where}[{i}].function.arguments")}})
     return normalized
 
 
@@ -174,12 +208,12 @@ def normalize_messages(messages: Any, param: str = "messages") -> list[dict[str,
         if "name" in message:
             if not isinstance(message["name"], str):
                 raise InvalidRequestError(f"{where}.name must be a string", param=f"{where}.name")
-            out["name"] = message["name"]
+            out["name"] = _text(message["name"], f"{where}.name")
         if role == "tool":
             if not isinstance(message.get("tool_call_id"), str):
                 raise InvalidRequestError(f"{where}.tool_call_id is required for tool messages",
                                           param=f"{where}.tool_call_id")
-            out["tool_call_id"] = message["tool_call_id"]
+            out["tool_call_id"] = _text(message["tool_call_id"], f"{where}.tool_call_id")
         if role == "function" and "name" not in out:
             raise InvalidRequestError(f"{where}.name is required for function messages", param=f"{where}.name")
         if message.get("tool_calls"):
@@ -211,7 +245,7 @@ def _stop(stop: Any) -> tuple[str, ...]:
         raise InvalidRequestError("stop must be a non-empty string or a list of them", param="stop")
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings", param="stop")
-    return tuple(stop)
+    return tuple(_text(s, "stop") for s in stop)
 
 
 def _logit_bias(bias: Any, n_vocab: int) -> dict[int, float]:
@@ -249,6 +283,9 @@ def _structured(args: Mapping[str, Any], stop: tuple[str, ...]) -> dict[str, Any
                        else _as_dict(args["response_format"], "response_format"))
     tools = _tuple_of_dicts(args.get("tools"), "tools")
     functions = _tuple_of_dicts(args.get("functions"), "functions")
+    for name, value in (("tools", tools), ("functions", functions), ("response_format", response_format),
+                        ("tool_choice", args.get("tool_choice")), ("function_call", args.get("function_call"))):
+        _check_texts(value, name)
     json_spec = parse_response_format(response_format)
     plan = parse_tools(tools, args.get("tool_choice"), parallel, functions, args.get("function_call"))
     if stop and (json_spec is not None or (plan is not None and plan.choice != "none")):

@@ -8,7 +8,7 @@ promises.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +22,11 @@ __all__ = [
     "FunctionCall",
     "FunctionCallDelta",
     "Message",
+    "ParsedChoice",
+    "ParsedCompletion",
+    "ParsedFunctionCall",
+    "ParsedMessage",
+    "ParsedToolCall",
     "TokenLogprob",
     "ToolCall",
     "ToolCallDelta",
@@ -145,3 +150,33 @@ class CompletionChunk(_Model):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+ResponseT = TypeVar("ResponseT")
+
+
+class ParsedFunctionCall(FunctionCall):
+    parsed_arguments: Any = None
+    """The arguments as an object: the tool's pydantic model (a tool made with openai's
+    ``pydantic_function_tool``), or a dict for another ``strict`` tool (see ``parse()``)."""
+
+
+class ParsedToolCall(ToolCall):
+    function: ParsedFunctionCall
+
+
+class ParsedMessage(Message, Generic[ResponseT]):
+    """A :class:`Message` with ``parsed``: the content as the ``response_format`` class (``parse()``)."""
+
+    parsed: ResponseT | None = None
+    tool_calls: list[ParsedToolCall] | None = None  # type: ignore[assignment]
+
+
+class ParsedChoice(Choice, Generic[ResponseT]):
+    message: ParsedMessage[ResponseT]
+
+
+class ParsedCompletion(CompletionResponse, Generic[ResponseT]):
+    """What ``chat.completions.parse()`` returns, as openai's ``ParsedChatCompletion``."""
+
+    choices: list[ParsedChoice[ResponseT]]  # type: ignore[assignment]

@@ -4,15 +4,17 @@
 ``POST /v1/chat/completions``          everything ``create()`` supports; ``stream=true``
                                        answers with server-sent events ending ``[DONE]``
 ``GET  /v1/models``, ``/v1/models/ID``  the served models (with ``max_model_len``)
-``POST /tokenize``                     exact prompt token count of ``messages`` (+ ``tools``),
-                                       request and answer shaped as vLLM's endpoint
+``POST /tokenize``                     exact prompt token count of ``messages`` (+ ``tools``,
+                                       ``tool_choice``, ``response_format``...), request and
+                                       answer shaped as vLLM's endpoint
 ``GET  /health``                       liveness, generating and waiting request counts
 =====================================  ==================================================
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
 request (``param`` names the field), 401 for a missing or wrong key, 404 for an unknown model
-or path, 413 for a body over the limit, 503 when the model's queue is full. Bad input never
-produces a 500.
+or path, 413 for a body over the limit, 503 when the model's queue is full, 504 (with
+``x-should-retry: false``, so that openai's client does not pay it again) when the request's own
+``timeout`` passed. Bad input never produces a 500.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ logger = logging.getLogger(__name__)
 # The body fields of POST /v1/chat/completions: create()'s parameters. Anything else is
 # refused with 400 naming it (create() refuses the unsupported ones it knows by name).
 _CREATE_PARAMETERS = create_parameter_names()
-_TOKENIZE_FIELDS = frozenset({"model", "messages", "tools", "add_generation_prompt"})
+# Besides messages and tools, what changes the prompt (a forced tool call, a JSON schema's instruction).
+_PROMPT_SHAPING = ("tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format")
+_TOKENIZE_FIELDS = frozenset({"model", "messages", "tools", "add_generation_prompt", *_PROMPT_SHAPING})
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -201,7 +205,8 @@ class _Server:
             raise APIError(400, "messages is required", param="messages", code="missing_required_parameter")
         client = model.client
         try:
-            count = await asyncio.to_thread(client.count_tokens, body["messages"], body.get("tools"))
+            shaping = {name: body[name] for name in _PROMPT_SHAPING if body.get(name) is not None}
+            count = await asyncio.to_thread(lambda: client.count_tokens(body["messages"], body.get("tools"), **shaping))
         except LocalLLMKitError as exc:
             raise _as_api_error(exc) from exc
         return JSONResponse({"count": count, "max_model_len": client.engine.n_ctx})

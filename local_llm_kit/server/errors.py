@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from local_llm_kit.errors import InvalidRequestError, TemplateError, TokenLimitError
+from local_llm_kit.errors import GenerationTimeoutError, InvalidRequestError, TemplateError, TokenLimitError
 
 __all__ = ["APIError", "error_body", "error_from_exception", "error_response"]
 
@@ -46,6 +46,11 @@ def error_from_exception(exc: Exception) -> APIError | None:
         return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, GenerationTimeoutError):
+        # The request's own ``timeout`` passed: not a server fault, and retrying would pay it again
+        # (openai's client retries 408 and 5xx unless told otherwise by x-should-retry).
+        return APIError(504, str(exc), type="timeout_error", param="timeout", code="timeout",
+                        headers={"x-should-retry": "false"})
     if isinstance(exc, TemplateError):
         # The chat template rejected this conversation (e.g. roles out of order): bad input.
         return APIError(400, str(exc), param="messages", code="invalid_value")

@@ -82,6 +82,33 @@ def test_logprobs(smol: LLMClient) -> None:
         assert token.top_logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-4)  # greedy: the best
 
 
+def test_logprobs_spell_the_content_under_a_grammar(smol: LLMClient) -> None:
+    # One entry per content token, the grammar's forced tokens included (probability 1 under the
+    # constrained distribution), streamed or not; a tool call's tokens are no content.
+    schema = {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+        "type": "object", "properties": {"city": {"type": "string"}, "temp": {"type": "integer"}},
+        "required": ["city", "temp"], "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "The weather in Paris: 25 degrees. As JSON."}]
+    response = smol.chat.completions.create(messages=ask, max_tokens=40, logprobs=True, top_logprobs=2,
+                                            response_format=schema)
+    entries = response.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert entries is not None and "".join(e.token for e in entries) == response.choices[0].message.content
+    assert any(e.logprob == 0.0 for e in entries)  # forced keys are there
+    streamed = [e for chunk in smol.chat.completions.create(messages=ask, max_tokens=40, logprobs=True,
+                                                            top_logprobs=2, response_format=schema, stream=True)
+                for e in (chunk.choices[0].logprobs.content or []) if chunk.choices and chunk.choices[0].logprobs]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    called = smol.chat.completions.create(messages=ask, max_tokens=40, logprobs=True, tools=[tool],
+                                          tool_choice="required")
+    assert called.choices[0].message.tool_calls and called.choices[0].message.content is None
+    assert called.choices[0].logprobs is not None and called.choices[0].logprobs.content is None
+    chunks = list(smol.chat.completions.create(messages=ask, max_tokens=40, logprobs=True, tools=[tool],
+                                               tool_choice="required", stream=True))
+    assert not [c for c in chunks if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
+
+
 def test_errors(smol: LLMClient) -> None:
     with pytest.raises(TokenLimitError):
         smol.chat.completions.create(messages=Q, max_tokens=10_000)

@@ -312,3 +312,36 @@ def test_dropped_non_streaming_request_stops_generating() -> None:
         settled = backend.forwards
         time.sleep(0.3)
         assert backend.forwards <= settled + 1 and settled < 500
+
+
+def test_a_request_past_its_own_timeout_is_504_and_not_retried() -> None:
+    backend = SlowBackend("z" * 1000, delay=0.01)
+    with running_server(fake(backend=backend)) as running:
+        response = httpx.post(running.base_url + "/chat/completions", json={"messages": Q, "timeout": 0.2}, timeout=60)
+        error = error_of(response, 504)
+        assert (error["type"], error["code"], error["param"]) == ("timeout_error", "timeout", "timeout")
+        assert response.headers["x-should-retry"] == "false"  # openai's client would otherwise pay it thrice
+        assert backend.forwards < 500  # stopped, not run to its end
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(http: httpx.Client) -> None:
+    # An emoji cut in half by a client counting UTF-16 units: valid JSON, not encodable text.
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}'
+    for path in ("/v1/chat/completions", "/tokenize"):
+        response = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert error_of(response, 400)["param"] == "messages[0].content"
+    assert http.post("/v1/chat/completions", json={"messages": Q}).status_code == 200  # still serving
+
+
+def test_tokenize_counts_what_shapes_the_prompt(http: httpx.Client) -> None:
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer"}}, "required": ["a"]}}}
+    counting = fake_client(temperature=0)
+    for shaping in ({"tool_choice": "required"}, {"tool_choice": "none"}, {"parallel_tool_calls": False}):
+        counted = http.post("/tokenize", json={"messages": Q, "tools": [tool], **shaping})
+        assert counted.status_code == 200, counted.text
+        assert counted.json()["count"] == counting.count_tokens(Q, [tool], **shaping)  # type: ignore[arg-type]
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}}
+    counted = http.post("/tokenize", json={"messages": Q, "response_format": schema}).json()["count"]
+    assert counted == counting.count_tokens(Q, response_format=schema)  # type: ignore[arg-type]
+    assert counted > http.post("/tokenize", json={"messages": Q}).json()["count"]  # the schema's instruction

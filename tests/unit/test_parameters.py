@@ -149,3 +149,30 @@ def test_stream_options_include_usage_must_be_a_boolean(client: LLMClient) -> No
     _raises(client, "stream_options.include_usage", stream=True, stream_options={"include_usage": "yes"})
     chunks = list(client.chat.completions.create(messages=HI, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].choices == []
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"messages": [{"role": "user", "content": "cut \ud83d"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": "Hi", "name": "a\ud800"}]}, "messages[0].name"),
+    ({"messages": HI, "stop": ["\ud83d"]}, "stop"),
+    ({"messages": HI, "tools": [{**TOOL, "function": {**TOOL["function"], "description": "x\ud83d"}}]},
+     "tools[0].function.description"),
+])
+def test_text_with_a_lone_surrogate_is_rejected_by_name(client: LLMClient, kwargs: dict[str, Any],
+                                                        param: str) -> None:
+    # Valid in a Python str and in JSON ("\ud83d"), but no tokenizer can encode it.
+    with pytest.raises(InvalidRequestError, match="lone surrogate") as info:
+        client.chat.completions.create(**kwargs)
+    assert info.value.param == param
+    assert client.count_tokens(HI) > 0  # nothing was left half-done
+
+
+def test_a_class_as_response_format_points_to_parse(client: LLMClient) -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+
+    error = _raises(client, "response_format", response_format=City)
+    assert "got the class City" in str(error) and "parse(" in str(error)
