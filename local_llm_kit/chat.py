@@ -146,17 +146,38 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
 
 def _content_logprobs(entries: list[TokenLogprob], message: Message) -> list[TokenLogprob] | None:
     """The entries of the tokens that spell ``message.content``, as OpenAI's ``logprobs.content``
-    is: neither a tool call's tokens (its envelope, its arguments) nor a stop string's are content."""
+    is: neither a tool call's tokens (its envelope, its arguments), a stop string's nor the end of
+    turn are content."""
     if message.content is None:
         return None
-    size = len(message.content.encode("utf-8"))  # bytes: a character may span two tokens
-    kept, length = [], 0
-    for entry in entries:
-        if length >= size:  # past the content: a stop string, or a tool call after the text
-            break
-        kept.append(entry)
-        length += len(entry.bytes or ())
-    return kept
+    queue = _ContentLogprobs()
+    queue.add(entries)
+    return queue.take(message.content)
+
+
+class _ContentLogprobs:
+    """Logprob entries waiting for the content they spell: a stream's content deltas take the
+    entries of their bytes (a character may span two tokens, a token two deltas); what no content
+    takes (a tool call, a stop string, the end of turn) is never sent."""
+
+    def __init__(self) -> None:
+        self._waiting: list[TokenLogprob] = []
+        self._ahead = 0  # bytes of entries already taken past the content sent so far
+
+    def add(self, entries: list[TokenLogprob] | None) -> None:
+        self._waiting.extend(entries or ())
+
+    def take(self, content: str | None) -> list[TokenLogprob] | None:
+        if not content:
+            return None
+        budget = len(content.encode("utf-8")) - self._ahead
+        taken: list[TokenLogprob] = []
+        while self._waiting and budget > 0:
+            entry = self._waiting.pop(0)
+            taken.append(entry)
+            budget -= len(entry.bytes or ())
+        self._ahead = max(0, -budget)
+        return taken
 
 
 def _stepped(ticket: Ticket, events: Iterator[TextPiece | Finished]) -> Iterator[TextPiece | Finished]:
@@ -203,19 +224,13 @@ def stream(engine: Engine, prepared: PreparedChat,
             shaper = prepared.output.stream_shaper()
             yield chunk(index, Delta(role="assistant", content=""))
             texts: list[str] = []
-            # Logprobs ride on content deltas only (a tool call's tokens are no content, as in
-            # OpenAI's API); those of text held back (a possible stop string, a tool call's start)
-            # wait for the content they turn out to be, and are dropped if it is a call.
-            waiting: list[TokenLogprob] = []
+            entries = _ContentLogprobs()
             for event in _stepped(ticket, _run(engine, prepared, index, ticket, cancel)):
                 if isinstance(event, TextPiece):
                     texts.append(event.text)
-                    waiting.extend(event.logprobs or ())
+                    entries.add(event.logprobs)
                     for delta in shaper.feed(event.text):
-                        entries = None
-                        if want_logprobs and delta.content:
-                            entries, waiting = waiting, []
-                        yield chunk(index, delta, logprobs=entries)
+                        yield chunk(index, delta, logprobs=entries.take(delta.content) if want_logprobs else None)
                 else:
                     completion_tokens += event.completion_tokens
                     message, _ = prepared.output.finalize("".join(texts), event.reason)
@@ -223,10 +238,7 @@ def stream(engine: Engine, prepared: PreparedChat,
                         engine.remember_generation(prepared.reply_place, message.content, event.token_ids)
                     deltas, reason = shaper.finish(event.reason)
                     for delta in deltas:
-                        entries = None
-                        if want_logprobs and delta.content:
-                            entries, waiting = waiting, []
-                        yield chunk(index, delta, logprobs=entries)
+                        yield chunk(index, delta, logprobs=entries.take(delta.content) if want_logprobs else None)
                     yield chunk(index, Delta(), reason)
     if cancel is not None and cancel.is_set():
         return

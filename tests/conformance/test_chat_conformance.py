@@ -98,6 +98,12 @@ def test_logprobs_spell_the_content_under_a_grammar(smol: LLMClient) -> None:
                                                             top_logprobs=2, response_format=schema, stream=True)
                 for e in (chunk.choices[0].logprobs.content or []) if chunk.choices and chunk.choices[0].logprobs]
     assert [e.token for e in streamed] == [e.token for e in entries]
+    plain = smol.chat.completions.create(messages=Q, max_tokens=12, logprobs=True)
+    plain_entries = plain.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert plain_entries is not None and "".join(e.token for e in plain_entries) == plain.choices[0].message.content
+    streamed = [e for chunk in smol.chat.completions.create(messages=Q, max_tokens=12, logprobs=True, stream=True)
+                for e in (chunk.choices[0].logprobs.content or []) if chunk.choices and chunk.choices[0].logprobs]
+    assert [e.token for e in streamed] == [e.token for e in plain_entries]
     tool = {"type": "function", "function": {"name": "weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     called = smol.chat.completions.create(messages=ask, max_tokens=40, logprobs=True, tools=[tool],

@@ -171,7 +171,7 @@ def test_stream_chat_carries_the_logprobs_chat_gives() -> None:
     llm = make_llm()
     expected = llm.chat([user("hi")], logprobs=True, top_logprobs=2).logprobs
     streamed = list(llm.stream_chat([user("hi")], logprobs=True, top_logprobs=2))
-    assert expected is not None and len(expected) == len(b"Hello there!") + 1
+    assert expected is not None and len(expected) == len(b"Hello there!")  # the content's; not the end of turn
     assert streamed[-1].logprobs == expected
     assert list(llm.stream_complete("hi", logprobs=True, top_logprobs=2))[-1].logprobs == expected
 
