@@ -164,3 +164,20 @@ def test_dropped_streams_leave_nothing_decoding(smol_server: RunningServer, clie
         "a dropped stream still holds the model"
     after = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=5, temperature=0)
     assert after.usage is not None and after.usage.completion_tokens == 5
+
+
+def test_parse_takes_openai_pydantic_function_tool_in_process() -> None:
+    from pydantic import BaseModel
+
+    from local_llm_kit.testing import fake_client
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    call = '<tool_call>{"name": "Person", "arguments": {"name": "Ann", "age": 3}}</tool_call>'
+    client = fake_client(call, temperature=0)
+    completion = client.chat.completions.parse(  # type: ignore[union-attr]
+        messages=[{"role": "user", "content": "Ann is 3."}], tools=[openai.pydantic_function_tool(Person)],
+        tool_choice="required")
+    assert completion.choices[0].message.tool_calls[0].function.parsed_arguments == Person(name="Ann", age=3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import openai
 import pytest
 from pydantic import BaseModel
 
@@ -39,14 +38,30 @@ def test_a_reply_cut_by_max_tokens_raises_as_openai_does() -> None:
     assert info.value.completion.choices[0].finish_reason == "length"  # type: ignore[attr-defined]
 
 
+class _PydanticFunctionTool(dict):  # type: ignore[type-arg]
+    """The shape of what openai's ``pydantic_function_tool`` puts under "function" (a dict that
+    keeps its model); the real one is checked in tests/server/test_server_openai.py (the oldest
+    openai the dependency floors allow predates it)."""
+
+    def __init__(self, definition: dict[str, object], model: type[BaseModel]) -> None:
+        super().__init__(definition)
+        self.model = model
+
+
+def strict_tool(model: type[BaseModel]) -> dict[str, object]:
+    schema = {**model.model_json_schema(), "additionalProperties": False}
+    return {"type": "function", "function": _PydanticFunctionTool(
+        {"name": model.__name__, "strict": True, "parameters": schema}, model)}
+
+
 def test_strict_tools_get_parsed_arguments() -> None:
     call = '<tool_call>{"name": "Person", "arguments": {"name": "Ann", "age": 3}}</tool_call>'
     client = fake_client(call, temperature=0)
-    tool = openai.pydantic_function_tool(Person)  # strict, and it keeps its model
+    tool = strict_tool(Person)
     completion = client.chat.completions.parse(messages=ASK, tools=[tool], tool_choice="required")
     assert completion.choices[0].message.tool_calls is not None
     assert completion.choices[0].message.tool_calls[0].function.parsed_arguments == Person(name="Ann", age=3)
-    plain = {"type": "function", "function": {**tool["function"]}}  # a strict dict: parsed to a dict
+    plain = {"type": "function", "function": dict(tool["function"])}  # type: ignore[call-overload]  # a strict dict
     completion = client.chat.completions.parse(messages=ASK, tools=[plain], tool_choice="required")
     assert completion.choices[0].message.tool_calls is not None
     assert completion.choices[0].message.tool_calls[0].function.parsed_arguments == {"name": "Ann", "age": 3}
