@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -27,11 +27,10 @@ from local_llm_kit.config import (
     Settings,
     resolve_settings,
 )
+from local_llm_kit.deadline import Deadline, in_thread, timeout_of
 from local_llm_kit.engine import Engine, detach, get_engine
 from local_llm_kit.errors import (
     ClientClosedError,
-    GenerationCancelledError,
-    GenerationTimeoutError,
     InvalidRequestError,
     TokenLimitError,
 )
@@ -51,8 +50,6 @@ __all__ = ["AsyncLLMClient", "LLMClient"]
 
 logger = logging.getLogger(__name__)
 
-_R = TypeVar("_R")
-_T = TypeVar("_T")
 _ParsedT = TypeVar("_ParsedT")
 
 # Parameters of OpenAI's API (and its Python client) that a local model cannot honour.
@@ -326,7 +323,7 @@ class _BaseClient:
     def _validate(self, stream: Any, params: Mapping[str, Any]) -> tuple[Engine, ChatRequest, float | None]:
         """The request ``create()`` describes, checked the same way for sync and async clients."""
         args = _merge_extra_body(params)
-        timeout = _timeout(args.pop("timeout", None))
+        timeout = timeout_of(args.pop("timeout", None))
         _check_passthrough(args)
         if args.get("messages") is None:
             raise InvalidRequestError("messages is required", param="messages")
@@ -351,59 +348,6 @@ def _with_speculation(request: ChatRequest, default: int, engine: Engine) -> Cha
     return request if asked == drafts else replace(request, draft_tokens=drafts)
 
 
-def _timeout(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InvalidRequestError(f"timeout must be a positive number of seconds, got {value!r}", param="timeout")
-    return float(value)
-
-
-class _Deadline:
-    """Sets ``cancel`` when ``timeout`` seconds have passed; the decode loop stops before its next token."""
-
-    def __init__(self, timeout: float | None, cancel: threading.Event) -> None:
-        self.timeout = timeout
-        self._expired = threading.Event()
-        self._timer: threading.Timer | None = None
-        if timeout is not None:
-            def expire() -> None:
-                self._expired.set()
-                cancel.set()
-
-            self._timer = threading.Timer(timeout, expire)
-            self._timer.daemon = True
-            self._timer.start()
-
-    @property
-    def expired(self) -> bool:
-        return self._expired.is_set()
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def error(self) -> GenerationTimeoutError:
-        return GenerationTimeoutError(f"the request did not finish within its timeout of {self.timeout} s")
-
-    def watch(self, chunks: Iterator[_T]) -> Iterator[_T]:
-        """``chunks``, ending in :class:`GenerationTimeoutError` if the deadline cut them short."""
-        try:
-            yield from chunks
-        finally:
-            self.stop()
-        if self.expired:
-            raise self.error()
-
-    def complete(self, function: Callable[..., _R], *args: Any) -> _R:
-        try:
-            return function(*args)
-        except GenerationCancelledError:
-            if self.expired:
-                raise self.error() from None
-            raise
-        finally:
-            self.stop()
 
 
 class _Completions:
@@ -493,7 +437,7 @@ class Completions(_Completions):
         """
         engine, prepared, new_messages, timeout = self._prepare(stream, params)
         cancel = threading.Event()
-        deadline = _Deadline(timeout, cancel)
+        deadline = Deadline(timeout, cancel)
         if prepared.request.stream:
             collector = ReplyCollector()
             chunks = deadline.watch(chat_path.stream(engine, prepared, cancel))
@@ -547,13 +491,13 @@ class AsyncCompletions(_Completions):
             collector = ReplyCollector()
 
             def source(cancel: threading.Event) -> Iterator[CompletionChunk]:
-                chunks = _Deadline(timeout, cancel).watch(chat_path.stream(engine, prepared, cancel))
+                chunks = Deadline(timeout, cancel).watch(chat_path.stream(engine, prepared, cancel))
                 return collector.watch(chunks)
 
             return AsyncStream(source, on_complete=lambda: self._remember(new_messages, collector.message()))
         cancel = threading.Event()
-        deadline = _Deadline(timeout, cancel)
-        worker: asyncio.Future[CompletionResponse] = _in_thread(
+        deadline = Deadline(timeout, cancel)
+        worker: asyncio.Future[CompletionResponse] = in_thread(
             deadline.complete, chat_path.complete, engine, prepared, cancel)
         try:
             response = await asyncio.shield(worker)
@@ -581,30 +525,6 @@ class AsyncCompletions(_Completions):
         return parsed_completion(response, model, params.get("tools"))
 
 
-def _in_thread(function: Callable[..., _R], *args: Any) -> asyncio.Future[_R]:
-    """Run ``function`` in a thread of its own and await it from the event loop.
-
-    Not the loop's default executor: generations wait for the model there, and a handful of
-    them would starve every other ``to_thread`` call of the application.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_R] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(outcome)
-
-    def run() -> None:
-        try:
-            result = function(*args)
-        except BaseException as exc:  # re-raised in the awaiting task
-            error = exc
-            settle(lambda: None if future.done() else future.set_exception(error))
-        else:
-            settle(lambda: None if future.done() else future.set_result(result))
-
-    threading.Thread(target=run, name="local-llm-kit-generate", daemon=True).start()
-    return future
 
 
 _PARAMETER_NAMES = frozenset(
