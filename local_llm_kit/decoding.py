@@ -112,10 +112,18 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 def prefill(backend: Backend, prompt: Sequence[int]) -> np.ndarray:
     """Evaluate ``prompt``, re-using the longest cached prefix; return the next-token logits."""
     common = common_prefix_length(backend.cached_tokens, prompt)
+    if common == len(prompt):
+        # The whole prompt is cached (the same request again, another choice of ``n``): the logits
+        # its own pass gave, not its last token's evaluated alone, which rounds otherwise.
+        remembered = backend.recall_logits(len(prompt))
+        if remembered is not None and backend.truncate_cache(len(prompt)) == len(prompt):
+            return remembered
     # At least one token must be evaluated to get logits for the position after the prompt.
     common = min(common, len(prompt) - 1)
     kept = backend.truncate_cache(common)
-    return backend.forward(prompt[kept:])
+    logits = backend.forward(prompt[kept:])
+    backend.remember_logits(logits)
+    return logits
 
 
 def _forced_entry(backend: Backend, token: int, top: int) -> TokenLogprob:

@@ -24,7 +24,7 @@ import abc
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, SupportsIndex
 
 import numpy as np
 
@@ -85,7 +85,9 @@ class Backend(abc.ABC):
     def _allocate_slots(self, n_slots: int) -> None:
         if n_slots < 1:
             raise ValueError(f"a backend needs at least one KV-cache slot, not {n_slots}")
-        self._slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
+        self._slot_tokens: list[list[int]] = [_SlotTokens() for _ in range(n_slots)]
+        # Per slot: the logits after its first n cached tokens, as the pass that evaluated them gave them.
+        self._slot_logits: list[tuple[int, np.ndarray] | None] = [None] * n_slots
         # Which generation last changed each slot; the decode loop re-evaluates its own tokens
         # when another one (an interleaved stream on the same thread) has been there since.
         self._slot_owners: list[object | None] = [None] * n_slots
@@ -128,6 +130,31 @@ class Backend(abc.ABC):
     def _cached(self) -> list[int]:
         """The current slot's token ids (backends extend and trim it as their cache changes)."""
         return self._slot_tokens[self._slot]
+
+    def remember_logits(self, logits: np.ndarray) -> None:
+        """Keep ``logits`` as those after every token now cached in the current slot (a copy)."""
+        tokens = self._cached
+        self._slot_logits[self._slot] = (len(tokens), np.array(logits, dtype=np.float32, copy=True))
+        if isinstance(tokens, _SlotTokens):
+            tokens.mark()
+
+    def recall_logits(self, length: int) -> np.ndarray | None:
+        """The logits after the current slot's first ``length`` tokens, as :meth:`remember_logits`
+        kept them (a copy the caller may change); None unless those tokens have stayed cached
+        since, untouched, so that the logits are still theirs.
+
+        Why: a prompt evaluated again (a repeated request, a second choice of ``n``) would
+        otherwise have its last token evaluated alone, and an engine's kernels round a position
+        evaluated alone differently from one in a batch (llama.cpp on a CPU, transformers in
+        bfloat16): a greedy near-tie could then go another way than it did the first time.
+        """
+        kept = self._slot_logits[self._slot]
+        tokens = self._cached
+        if kept is None or kept[0] != length or len(tokens) < length:
+            return None
+        if not isinstance(tokens, _SlotTokens) or tokens.lowest < length:
+            return None
+        return kept[1].copy()
 
     @property
     def owner(self) -> object | None:
@@ -287,11 +314,43 @@ class SlotView(Backend):
         self.backend.use_slot(self.index)
         return self.backend.truncate_cache(n_keep)
 
+    def remember_logits(self, logits: np.ndarray) -> None:
+        self.backend.use_slot(self.index)
+        self.backend.remember_logits(logits)
+
+    def recall_logits(self, length: int) -> np.ndarray | None:
+        self.backend.use_slot(self.index)
+        return self.backend.recall_logits(length)
+
     def clear_cache(self) -> None:
         self.truncate_cache(0)
 
     def close(self) -> None:
         """A view owns nothing; closing the backend is the engine's business."""
+
+
+class _SlotTokens(list[int]):
+    """A slot's cached token ids, which remember the fewest they held since :meth:`mark`: a
+    remembered pass's logits stay valid only while the tokens before them were never trimmed
+    (re-evaluated tokens may be rounded otherwise)."""
+
+    lowest = 0
+
+    def mark(self) -> None:
+        self.lowest = len(self)
+
+    def __delitem__(self, key: SupportsIndex | slice) -> None:
+        super().__delitem__(key)
+        self.lowest = min(self.lowest, len(self))
+
+    def clear(self) -> None:
+        super().clear()
+        self.lowest = 0
+
+    def pop(self, index: SupportsIndex = -1) -> int:
+        value = super().pop(index)
+        self.lowest = min(self.lowest, len(self))
+        return value
 
 
 def output_rows(tokens: Sequence[int], rows: Sequence[int] | None) -> list[int]:

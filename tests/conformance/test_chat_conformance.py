@@ -115,6 +115,27 @@ def test_logprobs_spell_the_content_under_a_grammar(smol: LLMClient) -> None:
     assert not [c for c in chunks if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
 
 
+def test_the_same_request_again_gives_the_same_reply(smol: LLMClient) -> None:
+    # With default load options, where a position evaluated alone rounds otherwise than in a
+    # batch: a repeated request reuses its prompt's pass (its logits are remembered with the KV
+    # cache) rather than evaluating the last prompt token alone, so greedy and seeded replies
+    # repeat. (Before, llama.cpp's "Say hello." gave "...help you with whatever" cold and
+    # "...help with any kind" warm.)
+    smol.engine.backend.clear_cache()
+    hello = [{"role": "user", "content": "Say hello."}]
+    greedy = [smol.chat.completions.create(messages=hello, max_tokens=16).choices[0].message.content
+              for _ in range(3)]
+    assert greedy[0] == greedy[1] == greedy[2]
+    streamed = "".join(c.choices[0].delta.content or "" for c in smol.chat.completions.create(
+        messages=hello, max_tokens=16, stream=True) if c.choices)
+    assert streamed == greedy[0]
+    both = smol.chat.completions.create(messages=hello, max_tokens=16, n=2)
+    assert [c.message.content for c in both.choices] == [greedy[0], greedy[0]]
+    seeded = [smol.chat.completions.create(messages=hello, max_tokens=16, temperature=1.0, seed=2)
+              .choices[0].message.content for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
 def test_errors(smol: LLMClient) -> None:
     with pytest.raises(TokenLimitError):
         smol.chat.completions.create(messages=Q, max_tokens=10_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from local_llm_kit import InvalidRequestError, LLMClient
@@ -253,3 +254,22 @@ def test_load_options_reach_the_backend_options() -> None:
     with pytest.raises(InvalidRequestError) as info:
         resolve_settings(**BASE, backend=None, environ={"LOCAL_LLM_KIT_KV_SLOTS": "many"})
     assert info.value.param == "LOCAL_LLM_KIT_KV_SLOTS"
+
+
+def test_a_prompt_cached_whole_reuses_its_own_pass_logits() -> None:
+    from local_llm_kit.decoding import prefill
+    from local_llm_kit.testing import FakeBackend
+
+    backend = FakeBackend("abc")
+    prompt = [5, 6, 7]
+    first = prefill(backend, prompt).copy()
+    backend.forward([8, 9])  # a reply after it
+    calls = len(backend.forward_calls)
+    again = prefill(backend, prompt)
+    assert np.array_equal(again, first) and len(backend.forward_calls) == calls  # no pass of the last token
+    assert list(backend.cached_tokens) == prompt
+    again[:] = 0  # the caller may change what it got (the sampler does, in place)
+    assert np.array_equal(prefill(backend, prompt), first)
+    backend.truncate_cache(1)  # trimmed below the prompt: its tokens will be evaluated anew
+    backend.forward([6, 7])
+    assert backend.recall_logits(3) is None
