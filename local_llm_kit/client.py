@@ -84,6 +84,8 @@ def _check_passthrough(params: dict[str, Any]) -> None:
     """Reject what cannot be honoured; pop what is honoured outside the request (store, metadata...)."""
     for name in sorted(set(params) - set(_PARAMETER_NAMES)):
         value = params.pop(name)
+        if name == "modalities" and isinstance(value, (list, tuple)) and list(value) == ["text"]:
+            continue  # text out: what a local model gives (OpenAI's default); "audio" raises below
         if name in UNSUPPORTED_PARAMETERS:
             if value is not None:
                 raise InvalidRequestError(f"{name} is not supported by local models", param=name)

@@ -9,8 +9,10 @@ never to change a greedy choice on these prompts.
 That agreement is the engine's. transformers in float32 matches to ~1e-6 at any length; in
 bfloat16 (its default on CPUs with native bf16) a batched position's logits differ from a single
 one's by up to ~0.5, so those runs use float32 here. llama.cpp on the CPU gives identical logits
-with flash attention while fewer than 256 tokens are cached, which these prompts stay under, so
-its runs turn flash attention on; without it (its default) they differ by up to ~1, and SmolLM2's
+with flash attention and one thread; with two threads only while fewer than 256 tokens are cached
+(the forced tool call's prompt is 267: its plain and speculative replies then parted at
+"123456 Bristol, 12" against "1234567890 Bristol", whichever ran first), so its runs use both;
+without flash attention (its default) they differ by up to ~1, and SmolLM2's
 free-chat reply at 64 tokens flipped a near-tie ("...of the natural world" against "...of the human
 spirit"), just as between a warm turn and a cold prefill (see the README).
 """
@@ -78,7 +80,8 @@ def exact_gemma(backend: str, gemma: LLMClient) -> LLMClient:
 def _exact_client(model: str, backend: str, like: LLMClient) -> LLMClient:
     """A client of the model whose batched logits match single positions' (see the module docstring)."""
     if (model, backend) not in _exact:
-        options: dict[str, Any] = {"flash_attn": True} if backend == "llama.cpp" else {"dtype": "float32"}
+        options: dict[str, Any] = ({"flash_attn": True, "n_threads": 1} if backend == "llama.cpp"
+                                   else {"dtype": "float32"})
         client = LLMClient(model, backend=backend, temperature=0, cache_dir=like.settings.cache_dir,
                            **options).load()
         # Every draft is verified, whatever a pass costs on this machine: verification is what is tested.

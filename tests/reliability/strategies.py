@@ -224,10 +224,10 @@ BAD_STOP = ["", [""], ["a"] * 5, [1], 5]
 
 VALID_EXTRA: list[dict[str, Any]] = [
     {"store": False}, {"metadata": None}, {"extra_headers": {}}, {"extra_query": None}, {"timeout": 120},
-    {"service_tier": None}, {"extra_body": {"seed": 3}}, {"audio": None},
+    {"service_tier": None}, {"extra_body": {"seed": 3}}, {"audio": None}, {"modalities": ["text"]},
 ]
 BAD_EXTRA: list[dict[str, Any]] = [
-    {"audio": {"voice": "alloy", "format": "wav"}}, {"temprature": 0.5}, {"modalities": ["text"]},
+    {"audio": {"voice": "alloy", "format": "wav"}}, {"temprature": 0.5}, {"modalities": ["text", "audio"]},
     {"extra_body": {"top_k": 3}}, {"extra_body": "x"}, {"store": True}, {"metadata": {"a": "b"}},
     {"extra_headers": {"X-Trace": "1"}}, {"extra_query": {"a": 1}}, {"timeout": 0}, {"timeout": "5"},
     {"service_tier": "auto"}, {"model": 5}, {"model": ["m"]}, {"prediction": {"type": "content"}},

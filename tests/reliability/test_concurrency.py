@@ -198,13 +198,10 @@ async def test_sixteen_asyncio_tasks_share_one_model(smol: LLMClient, serial: li
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "decoding.prefill keeps len(prompt) - 1 cached tokens when the whole prompt is cached, so the prompt's "
-    "last position is evaluated alone, by llama.cpp's single-token path, which rounds differently from the "
-    "batched prefill a fresh request gets: SmolLM2 answers 'My name is Alan. Remember it.' with \"I'm glad "
-    "you're here, and\" the first time and \"I'm glad to have you here,\" the second. Keeping len(prompt) - 2 "
-    "(two tokens evaluated, the batched path) gives the same answer both times (checked on three prompts)."))
 def test_the_same_greedy_request_twice_answers_the_same(smol: LLMClient) -> None:
+    # Once an expected failure: the prompt's last position was evaluated alone the second time, which
+    # llama.cpp rounds otherwise than the batched prefill ("I'm glad you're here, and" then "I'm glad
+    # to have you here,"). The slot now keeps the prefill's logits (decoding.prefill).
     client = private_client(smol)
     try:
         question = [{"role": "user", "content": "My name is Alan. Remember it."}]

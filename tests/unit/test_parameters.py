@@ -176,3 +176,10 @@ def test_a_class_as_response_format_points_to_parse(client: LLMClient) -> None:
 
     error = _raises(client, "response_format", response_format=City)
     assert "got the class City" in str(error) and "parse(" in str(error)
+
+
+def test_text_modalities_are_what_a_local_model_gives(client: LLMClient) -> None:
+    reply = client.chat.completions.create(messages=HI, modalities=["text"])  # type: ignore[call-arg]
+    assert reply.choices[0].message.content == "Hello there!"
+    for value in (["text", "audio"], ["audio"], "text"):
+        _raises(client, "modalities", modalities=value)
