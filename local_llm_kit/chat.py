@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -161,7 +162,7 @@ class _ContentLogprobs:
     takes (a tool call, a stop string, the end of turn) is never sent."""
 
     def __init__(self) -> None:
-        self._waiting: list[TokenLogprob] = []
+        self._waiting: deque[TokenLogprob] = deque()
         self._ahead = 0  # bytes of entries already taken past the content sent so far
 
     def add(self, entries: list[TokenLogprob] | None) -> None:
@@ -173,7 +174,7 @@ class _ContentLogprobs:
         budget = len(content.encode("utf-8")) - self._ahead
         taken: list[TokenLogprob] = []
         while self._waiting and budget > 0:
-            entry = self._waiting.pop(0)
+            entry = self._waiting.popleft()
             taken.append(entry)
             budget -= len(entry.bytes or ())
         self._ahead = max(0, -budget)
