@@ -207,6 +207,10 @@ def resolve_settings(
         resolved_path: str | None = os.fspath(model_path)
     else:
         resolved_path = _env(env, "MODEL_PATH")
+        if resolved_path is not None and model is not None and not Path(resolved_path).expanduser().is_dir():
+            # An explicit model beats the environment: the variable's model file is another model
+            # (a folder there is still searched for the one named).
+            resolved_path = None
 
     if cache_dir is not None:
         resolved_cache = Path(cache_dir).expanduser()

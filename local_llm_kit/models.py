@@ -131,9 +131,16 @@ def resolve_model(model: str | None, model_path: str | None, cache_dir: Path, *,
     searched: list[str] = []
     explicit_path = Path(model_path).expanduser() if model_path else None
 
-    if explicit_path is not None and explicit_path.exists():
+    if explicit_path is not None:
+        # A path that names nothing, or a file that is no model, is a mistake to report, never a
+        # reason to load another model instead.
+        if not explicit_path.exists():
+            raise ModelNotFoundError(
+                f"model_path {str(explicit_path)!r} does not exist (from the model_path argument or "
+                "LOCAL_LLM_KIT_MODEL_PATH); point it at a .gguf file, a Hugging Face model folder, or a folder "
+                "that holds them", searched=[f"path {explicit_path}"])
         fmt = _model_format(explicit_path)
-        if fmt is not None:
+        if fmt is not None:  # (a file that is no GGUF raised ModelLoadError there)
             return ResolvedModel(model or explicit_path.stem, explicit_path, fmt)
     name = model or default
 

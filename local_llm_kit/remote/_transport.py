@@ -98,12 +98,15 @@ class RemoteEndpoint:
     # -- token counts ---------------------------------------------------------------------------
     def count_tokens(self, body: dict[str, Any]) -> int:
         """Exactly the ``usage.prompt_tokens`` that sending ``body`` would report (see :mod:`local_llm_kit.remote`)."""
-        # Parameters that change the prompt beyond messages and tools: only a completion counts them.
-        prompt_shaping = _PROMPT_SHAPING & set(body)
-        if self._tokenize_supported is not False and not prompt_shaping:
+        # Parameters that change the prompt beyond messages and tools: a server's /tokenize counts
+        # them only where it says it applied them (this library's server lists them in
+        # "prompt_shaping"; another may ignore what it does not know), else a completion counts them.
+        prompt_shaping = {name for name in _PROMPT_SHAPING if body.get(name) is not None}
+        if self._tokenize_supported is not False:
             tokenize = {"model": body["model"], "messages": body["messages"], "add_generation_prompt": True}
             if body.get("tools"):
                 tokenize["tools"] = body["tools"]
+            tokenize.update({name: body[name] for name in prompt_shaping})
             try:
                 answer = self.request("POST", self.root_url + "/tokenize", tokenize)
             except RemoteServerError as exc:
@@ -116,8 +119,10 @@ class RemoteEndpoint:
             else:
                 if isinstance(answer.get("count"), int):
                     self._tokenize_supported = True
-                    return int(answer["count"])
-                self._tokenize_supported = False
+                    if prompt_shaping <= set(answer.get("prompt_shaping") or ()):
+                        return int(answer["count"])
+                else:
+                    self._tokenize_supported = False
         probe = {**body, "max_tokens": 1, "temperature": 0.0, "stream": False}
         probe.pop("stream_options", None)
         probe.pop("n", None)

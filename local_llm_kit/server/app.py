@@ -209,7 +209,10 @@ class _Server:
             count = await asyncio.to_thread(lambda: client.count_tokens(body["messages"], body.get("tools"), **shaping))
         except LocalLLMKitError as exc:
             raise _as_api_error(exc) from exc
-        return JSONResponse({"count": count, "max_model_len": client.engine.n_ctx})
+        # "prompt_shaping": what the count applied beyond messages and tools, so that a client can
+        # tell this count from that of a server that ignores what it does not know.
+        return JSONResponse({"count": count, "max_model_len": client.engine.n_ctx,
+                             "prompt_shaping": sorted(shaping)})
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "generating": self.models.generating,

@@ -155,6 +155,18 @@ def test_count_tokens_is_exact(client: LLMClient) -> None:
     assert client.count_tokens(Q, tools=tools, tool_choice="none") == with_tools.usage.prompt_tokens
 
 
+def test_count_tokens_with_prompt_shaping_parameters_asks_tokenize(client: LLMClient) -> None:
+    # A forced call or a strict schema cannot be counted with a one-token completion (no valid reply
+    # fits one token); this library's /tokenize applies them and says so.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}]
+    local = fake_client(REPLY, temperature=0)
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}}}
+    for shaping in ({"tools": tools, "tool_choice": "required"}, {"response_format": schema}):
+        assert client.count_tokens(Q, **shaping) == local.count_tokens(Q, **shaping)  # type: ignore[arg-type]
+
+
 def test_memory_over_http(client: LLMClient) -> None:
     client.enable_memory(max_tokens=200)
     client.chat.completions.create(messages=[{"role": "user", "content": "one"}])

@@ -115,7 +115,7 @@ def test_models_and_health(server: RunningServer, http: httpx.Client) -> None:
 def test_tokenize_counts_exactly(http: httpx.Client) -> None:
     counted = http.post("/tokenize", json={"model": "fake-model", "messages": Q}).json()
     usage = http.post("/v1/chat/completions", json={"messages": Q}).json()["usage"]
-    assert counted == {"count": usage["prompt_tokens"], "max_model_len": 2048}
+    assert counted == {"count": usage["prompt_tokens"], "max_model_len": 2048, "prompt_shaping": []}
     assert error_of(http.post("/tokenize", json={"prompt": "x"}), 400)["param"] == "prompt"
 
 

@@ -51,3 +51,29 @@ def test_client_reports_not_found_on_first_use(tmp_path: Path) -> None:
     client = LLMClient("nothing-here", cache_dir=tmp_path)
     with pytest.raises(ModelNotFoundError):
         client.chat.completions.create(messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_a_model_path_that_does_not_exist_raises_instead_of_loading_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via: str) -> None:
+    missing = tmp_path / "nope" / "model.gguf"
+    if via == "environment":
+        monkeypatch.setenv("LOCAL_LLM_KIT_MODEL_PATH", str(missing))
+        client = LLMClient(cache_dir=tmp_path)
+    else:
+        client = LLMClient(model_path=missing, cache_dir=tmp_path)
+    with pytest.raises(ModelNotFoundError, match="does not exist") as info:
+        client.resolved_model  # noqa: B018 - resolving is the point
+    assert info.value.searched == [f"path {missing}"]
+
+
+def test_an_explicit_model_beats_the_environments_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF....")
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF....")
+    monkeypatch.setenv("LOCAL_LLM_KIT_MODEL_PATH", str(other))
+    assert LLMClient(cache_dir=tmp_path).resolved_model.path == other  # no model named: the variable's
+    assert LLMClient(str(mine), cache_dir=tmp_path).resolved_model.path == mine
+    monkeypatch.setenv("LOCAL_LLM_KIT_MODEL_PATH", str(tmp_path))  # a folder is still searched for the name
+    assert LLMClient("mine", cache_dir=tmp_path).resolved_model.path == mine
