@@ -17,13 +17,20 @@ with backoff (honouring ``Retry-After``). Nothing is retried once a request may 
 processed: not a read timeout, not a dropped connection, never a stream that has started.
 
 **Errors.** 400 and 413 raise :class:`InvalidRequestError` (``param`` as the server named it),
-404 for the model :class:`ModelNotFoundError`; an unreachable server, a timeout, 401/403, 429
-and 5xx raise :class:`RemoteServerError` saying which.
+404 for the model :class:`ModelNotFoundError`; a timeout raises :class:`GenerationTimeoutError`
+(a :class:`TimeoutError`), as in-process: ``timeout=`` is the HTTP timeout (per read: a stream
+that keeps sending is not cut), ``extra_body={"timeout": ...}`` goes to the server, whose
+deadline covers the whole request (``local-llm-kit serve`` answers 504, ``code: "timeout"``); an
+unreachable server, 401/403, 429 and 5xx raise :class:`RemoteServerError` saying which.
+``store`` and ``metadata`` go to the server, which decides (``local-llm-kit serve`` refuses
+``store=True`` as the in-process client does).
 
 **Token counts** (``count_tokens``, memory budgets) are exact: the server's ``POST /tokenize``
-(vLLM's endpoint, also served by ``local-llm-kit serve``) is used when it exists; otherwise the
-count is the ``usage.prompt_tokens`` of a one-token completion of the same request, which is
-what ``create()`` would report by definition (it costs the server one prefill).
+(vLLM's endpoint, also served by ``local-llm-kit serve``) is used when it exists, and for
+``tool_choice``, ``response_format`` and the rest of what changes the prompt only when its answer
+says it applied them (``prompt_shaping``, as ``local-llm-kit serve`` does); otherwise the count is
+the ``usage.prompt_tokens`` of a one-token completion of the same request, which is what
+``create()`` would report by definition (it costs the server one prefill).
 
 **Layout** (private modules; the names below are the package's API): ``_transport`` (the
 server: connections, retries, token counts), ``_errors`` (answers -> library errors), ``_sse``

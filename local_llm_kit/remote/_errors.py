@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from local_llm_kit.errors import (
+    GenerationTimeoutError,
     InvalidRequestError,
     LocalLLMKitError,
     ModelNotFoundError,
@@ -113,6 +114,8 @@ def error_from_answer(status: int, data: Any, url: str, model: str | None) -> Lo
         return Rejected(text, param=param or "messages", code=code)
     if status == 404 and (code == "model_not_found" or param == "model" or (model and model in message)):
         return ModelNotFoundError(f"the server does not serve the model {model!r}: {text}")
+    if status == 504 and code == "timeout":  # this library's server: the request's own timeout passed
+        return GenerationTimeoutError(text)
     if status in (401, 403):
         return RemoteServerError(f"the server refused the API key ({status}); pass api_key= or set "
                                  f"LOCAL_LLM_KIT_API_KEY: {text}", status=status, code=code)

@@ -54,7 +54,8 @@ def split_options(params: Mapping[str, Any], known: Sequence[str]) -> tuple[dict
     """Separate the HTTP options (``timeout``, ``extra_*``) from the request's parameters.
 
     ``extra_body`` keys that are parameters of ``create()`` join the others (and are validated);
-    the rest go to the server as given, since only the server knows them (vLLM's ``top_k``...).
+    the rest go to the server as given, since only the server knows them (vLLM's ``top_k``...), and
+    so does ``timeout`` there: by name it is the HTTP timeout, in the body the server's deadline.
     """
     args = dict(params)
     options: dict[str, Any] = {name: args.pop(name) for name in ("timeout", "extra_body", "extra_headers",
@@ -65,7 +66,7 @@ def split_options(params: Mapping[str, Any], known: Sequence[str]) -> tuple[dict
         if not isinstance(extra, Mapping):
             raise InvalidRequestError("extra_body must be a dict", param="extra_body")
         for name, value in extra.items():
-            if name in known:
+            if name in known and name != "timeout":  # extra_body.timeout goes in the body, as openai does
                 if args.get(name) is not None:
                     raise InvalidRequestError(f"{name} is given both by name and in extra_body",
                                               param=f"extra_body.{name}")
@@ -127,6 +128,9 @@ def prepare_call(endpoint: RemoteEndpoint, settings: Any, stream: Any, params: M
             raise InvalidRequestError(f"unknown parameter {name!r}", param=name)
         if value is not None:
             forwarded[name] = value  # the server decides whether it honours it
+    for name in ("store", "metadata"):  # create() parameters the request itself does not carry
+        if args.get(name) is not None:
+            forwarded[name] = args.pop(name)  # the server decides (this library's refuses store=True)
     if args.get("messages") is None:
         raise InvalidRequestError("messages is required", param="messages")
     args["stream"] = stream

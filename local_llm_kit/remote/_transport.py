@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from local_llm_kit.errors import InvalidRequestError
+from local_llm_kit.errors import GenerationTimeoutError, InvalidRequestError
 from local_llm_kit.remote._errors import Rejected, RemoteServerError, json_or_raise, unreachable
 
 __all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT_S", "RemoteEndpoint"]
@@ -219,7 +219,8 @@ class RemoteEndpoint:
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             return None if attempt < self.max_retries else unreachable(url, exc)
         if isinstance(exc, httpx.TimeoutException):
-            return RemoteServerError(f"{url} did not answer within {timeout or self.timeout} s")
+            # The same error as an in-process request past its timeout (a TimeoutError too).
+            return GenerationTimeoutError(f"{url} did not answer within {timeout or self.timeout} s")
         return RemoteServerError(f"the request to {url} failed: {exc!r}")
 
     def _backoff(self, attempt: int, retry_after: str | None) -> None:

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from local_llm_kit import (
     AsyncStream,
     CompletionChunk,
     CompletionResponse,
+    GenerationTimeoutError,
     InvalidRequestError,
     LLMClient,
     ModelNotFoundError,
@@ -258,3 +260,23 @@ def test_our_own_parameters_reach_the_server(client: LLMClient, backend: Countin
         reply = client.chat.completions.create(messages=quoting, prompt_lookup=prompt_lookup)
         assert reply.choices[0].message.content == REPLY
         assert (max(backend.forward_calls[1:]) > 1) is batched
+
+
+@pytest.mark.parametrize(("name", "value"), [("store", True), ("metadata", {"a": "b"})])
+def test_store_and_metadata_reach_the_server_which_decides(client: LLMClient, name: str, value: Any) -> None:
+    # In-process both raise; over HTTP the server decides, and this library's refuses them the same way.
+    with pytest.raises(InvalidRequestError) as info:
+        client.chat.completions.create(messages=Q, **{name: value})
+    assert info.value.param == name
+
+
+def test_timeouts_raise_what_in_process_timeouts_raise() -> None:
+    backend = CountingBackend("y" * 400, delay=0.01)
+    served = fake_client("y", backend=backend, asynchronous=True)
+    with running_server(served) as slow, LLMClient(backend="openai", base_url=slow.base_url) as remote:
+        # the client's HTTP timeout, and the request's own deadline sent in the body (a 504 from the server)
+        for options in ({"timeout": 0.3}, {"extra_body": {"timeout": 0.3}}):
+            started = time.monotonic()
+            with pytest.raises(GenerationTimeoutError):
+                remote.chat.completions.create(messages=Q, **options)  # type: ignore[arg-type]
+            assert time.monotonic() - started < 3.0
