@@ -74,7 +74,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     client = _make_client(args)
-    history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    # The client's own memory: a long session keeps to the context by leaving out its oldest turns
+    # (system message kept), instead of failing once the history outgrows it.
+    client.enable_memory(client.settings.context_length)
+    if args.system:
+        client.add_to_memory([{"role": "system", "content": args.system}])
     print(f"Chatting with {client.model} ({client.settings.backend}). Empty line or Ctrl-D to quit.")
     while True:
         try:
@@ -84,14 +88,13 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         if not line:
             return 0
-        history.append({"role": "user", "content": line})
         try:
-            reply = _stream_reply(client, history, args)
-        except KeyboardInterrupt:  # stop this answer, keep the session
-            history.pop()
+            # A reply stopped early (Ctrl-C) is not remembered, nor is its question: the session goes on.
+            _stream_reply(client, [{"role": "user", "content": line}], args)
+        except KeyboardInterrupt:
             print()
-            continue
-        history.append({"role": "assistant", "content": reply})
+        except LocalLLMKitError as exc:  # this message cannot be answered (too long...); the session goes on
+            print(f"error: {exc}", file=sys.stderr)
 
 
 def _models(args: argparse.Namespace) -> int:
