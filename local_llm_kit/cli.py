@@ -97,8 +97,20 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
 
 
+def _port(value: str) -> int:
+    """A TCP port, checked with the other flags, before any model loads."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {value!r}")
+    return port
+
+
 def _models(args: argparse.Namespace) -> int:
-    rows = list_models(args.model_path)
+    # As run and chat do: the folder given, else LOCAL_LLM_KIT_MODEL_PATH's.
+    rows = list_models(args.model_path if args.model_path is not None else os.environ.get(ENV_PREFIX + "MODEL_PATH"))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -148,7 +160,7 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                         help="default when a request sets none")
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="default when a request sets none")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help="0 to 65535 (0: any free port)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' (default: {ENV_PREFIX}API_KEY)")
     parser.add_argument("--allow-insecure-no-key", action="store_true",

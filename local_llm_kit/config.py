@@ -214,10 +214,16 @@ def resolve_settings(
 
     if cache_dir is not None:
         resolved_cache = Path(cache_dir).expanduser()
+        cache_source = "cache_dir"
     elif (env_cache := _env(env, "CACHE_DIR")) is not None:
         resolved_cache = Path(env_cache).expanduser()
+        cache_source = ENV_PREFIX + "CACHE_DIR"
     else:
         resolved_cache = Path.home() / ".cache" / "local_llm_kit"
+        cache_source = "cache_dir"
+    if resolved_cache.exists() and not resolved_cache.is_dir():
+        raise InvalidRequestError(f"{cache_source} must be a folder (models are assembled and converted there), "
+                                  f"but {str(resolved_cache)!r} is a file", param=cache_source)
 
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
         raise InvalidRequestError(f"n_threads must be a positive integer, got {n_threads!r}", param="n_threads")
@@ -242,12 +248,16 @@ def resolve_settings(
     elif (env_slots := _env(env, "KV_SLOTS")) is not None:
         kv_slots = check_kv_slots(int(env_slots) if env_slots.isdigit() else env_slots,
                                   param=ENV_PREFIX + "KV_SLOTS")
-    if n_gpu_layers is None and (env_layers := _env(env, "N_GPU_LAYERS")) is not None:
+    # The variable is a default for llama.cpp clients: it neither applies to nor blocks another backend.
+    env_layers = _env(env, "N_GPU_LAYERS") if resolved_backend == "llama.cpp" else None
+    if n_gpu_layers is None and env_layers is not None:
         try:
             n_gpu_layers = int(env_layers)
         except ValueError:
-            raise InvalidRequestError(f"{ENV_PREFIX}N_GPU_LAYERS must be an integer >= -1, got {env_layers!r}",
-                                      param=ENV_PREFIX + "N_GPU_LAYERS") from None
+            n_gpu_layers = -2
+        if n_gpu_layers < -1:
+            raise InvalidRequestError(f"{ENV_PREFIX}N_GPU_LAYERS must be an integer >= -1 (-1 offloads every layer), "
+                                      f"got {env_layers!r}", param=ENV_PREFIX + "N_GPU_LAYERS")
     n_gpu_layers, flash_attn, main_gpu, split = check_gpu_options(n_gpu_layers, flash_attn, main_gpu, tensor_split)
     if resolved_backend != "llama.cpp":
         given = {"n_gpu_layers": n_gpu_layers, "flash_attn": flash_attn, "main_gpu": main_gpu,

@@ -40,6 +40,12 @@ class Engine:
         )
         if self.template.is_fallback:
             logger.info("%s ships no chat template; using the %s fallback", model.name, info.architecture)
+        if 0 < info.n_ctx_train < backend.n_ctx:
+            # Allowed (a user may know the model extrapolates), but never without a word: past its
+            # trained length a model's replies degrade, and the KV cache is sized for the whole context.
+            logger.warning("context_length %d is past the %d tokens %s was trained with: replies that reach "
+                           "past them degrade, and the KV cache is allocated for all %d", backend.n_ctx,
+                           info.n_ctx_train, model.name, backend.n_ctx)
         self.encoder = PromptEncoder(self.template, backend, model.name)
         self.pass_costs = PassCosts()  # learned by speculation, kept across generations
 

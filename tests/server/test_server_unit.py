@@ -225,6 +225,26 @@ def test_cli_refuses_public_bind_without_key(monkeypatch: pytest.MonkeyPatch,
     assert "without an API key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["99999", "-5", "http"])
+def test_cli_refuses_a_bad_port_before_loading_anything(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from local_llm_kit.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error, before the model (no such one) loads
+        main(["serve", "--port", port, "--model", "no-such-model"])
+    assert exited.value.code == 2
+    assert "a port is a number from 0 to 65535" in capsys.readouterr().err
+
+
+def test_cli_models_lists_the_environments_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from local_llm_kit.cli import main
+
+    (tmp_path / "mine.gguf").write_bytes(b"GGUF....")
+    monkeypatch.setenv("LOCAL_LLM_KIT_MODEL_PATH", str(tmp_path))
+    assert main(["models", "--json"]) == 0
+    assert "mine" in [row["name"] for row in json.loads(capsys.readouterr().out)]
+
+
 def named_fake(name: str, reply: str) -> AsyncLLMClient:
     """A fake client whose model answers to ``name``."""
     engine = Engine(ResolvedModel(name, Path("fake"), "fake"), "fake", FakeBackend(reply))

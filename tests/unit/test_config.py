@@ -28,7 +28,9 @@ def test_environment_beats_defaults_and_arguments_beat_environment() -> None:
 
 @pytest.mark.parametrize(("name", "value"), [("LOCAL_LLM_KIT_CONTEXT_LENGTH", "lots"),
                                              ("LOCAL_LLM_KIT_CONTEXT_LENGTH", "-5"),
-                                             ("LOCAL_LLM_KIT_BACKEND", "vllm")])
+                                             ("LOCAL_LLM_KIT_BACKEND", "vllm"),
+                                             ("LOCAL_LLM_KIT_N_GPU_LAYERS", "-5"),
+                                             ("LOCAL_LLM_KIT_N_GPU_LAYERS", "many")])
 def test_malformed_environment_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         resolve_settings(**DEFAULTS, environ={name: value})
@@ -70,3 +72,20 @@ def test_cuda_graphs_is_a_transformers_option() -> None:
     with pytest.raises(InvalidRequestError, match="True or False") as caught:
         resolve_settings(**{**DEFAULTS, "backend": "transformers"}, cuda_graphs="yes", environ={})  # type: ignore[arg-type]
     assert caught.value.param == "cuda_graphs"
+
+
+def test_a_llama_cpp_default_in_the_environment_does_not_block_another_backend() -> None:
+    settings = resolve_settings(**{**DEFAULTS, "backend": "transformers"}, environ={"LOCAL_LLM_KIT_N_GPU_LAYERS": "0"})
+    assert settings.backend == "transformers" and settings.n_gpu_layers is None
+    assert resolve_settings(**DEFAULTS, environ={"LOCAL_LLM_KIT_N_GPU_LAYERS": "0"}).n_gpu_layers == 0
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_a_cache_dir_that_is_a_file_is_refused_by_name(tmp_path: Path, via: str) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    args = {**DEFAULTS, "cache_dir": a_file} if via == "argument" else DEFAULTS
+    env = {"LOCAL_LLM_KIT_CACHE_DIR": str(a_file)} if via == "environment" else {}
+    with pytest.raises(InvalidRequestError, match="must be a folder") as info:
+        resolve_settings(**args, environ=env)  # type: ignore[arg-type]
+    assert info.value.param == ("cache_dir" if via == "argument" else "LOCAL_LLM_KIT_CACHE_DIR")

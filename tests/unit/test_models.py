@@ -77,3 +77,19 @@ def test_an_explicit_model_beats_the_environments_model_file(tmp_path: Path, mon
     assert LLMClient(str(mine), cache_dir=tmp_path).resolved_model.path == mine
     monkeypatch.setenv("LOCAL_LLM_KIT_MODEL_PATH", str(tmp_path))  # a folder is still searched for the name
     assert LLMClient("mine", cache_dir=tmp_path).resolved_model.path == mine
+
+
+def test_a_context_past_the_trained_length_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    from local_llm_kit.testing import FakeBackend, fake_engine
+
+    backend = FakeBackend("x", n_ctx=4096)
+    backend._info = dataclasses.replace(backend.info, n_ctx_train=1024)
+    with caplog.at_level("WARNING", logger="local_llm_kit.engine"):
+        fake_engine(backend)
+    assert "context_length 4096 is past the 1024 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="local_llm_kit.engine"):
+        fake_engine(FakeBackend("x", n_ctx=1024))
+    assert "past the" not in caplog.text
