@@ -350,8 +350,6 @@ def _with_speculation(request: ChatRequest, default: int, engine: Engine) -> Cha
     return request if asked == drafts else replace(request, draft_tokens=drafts)
 
 
-
-
 class _Completions:
     def __init__(self, client: _BaseClient) -> None:
         self._client = client
@@ -525,8 +523,6 @@ class AsyncCompletions(_Completions):
         create_params, model = parse_params({**params, "response_format": response_format})
         response = await self.create(**create_params)
         return parsed_completion(response, model, params.get("tools"))
-
-
 
 
 _PARAMETER_NAMES = frozenset(

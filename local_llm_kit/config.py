@@ -251,13 +251,10 @@ def resolve_settings(
     # The variable is a default for llama.cpp clients: it neither applies to nor blocks another backend.
     env_layers = _env(env, "N_GPU_LAYERS") if resolved_backend == "llama.cpp" else None
     if n_gpu_layers is None and env_layers is not None:
-        try:
-            n_gpu_layers = int(env_layers)
-        except ValueError:
-            n_gpu_layers = -2
-        if n_gpu_layers < -1:
+        if not env_layers.removeprefix("-").isdigit() or int(env_layers) < -1:
             raise InvalidRequestError(f"{ENV_PREFIX}N_GPU_LAYERS must be an integer >= -1 (-1 offloads every layer), "
                                       f"got {env_layers!r}", param=ENV_PREFIX + "N_GPU_LAYERS")
+        n_gpu_layers = int(env_layers)
     n_gpu_layers, flash_attn, main_gpu, split = check_gpu_options(n_gpu_layers, flash_attn, main_gpu, tensor_split)
     if resolved_backend != "llama.cpp":
         given = {"n_gpu_layers": n_gpu_layers, "flash_attn": flash_attn, "main_gpu": main_gpu,

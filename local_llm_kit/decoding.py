@@ -126,28 +126,28 @@ def prefill(backend: Backend, prompt: Sequence[int]) -> np.ndarray:
     return logits
 
 
+def _describe(backend: Backend, token: int) -> tuple[str, list[int]]:
+    raw = backend.token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
 def _forced_entry(backend: Backend, token: int, top: int) -> TokenLogprob:
     """A token the grammar forced: the only one the constrained distribution allowed (probability 1),
     so that a reply's logprobs have one entry per token and spell out its text."""
-    raw = backend.token_bytes(token)
-    text = raw.decode("utf-8", errors="replace")
-    alternatives = [TopLogprob(token=text, logprob=0.0, bytes=list(raw))] if top else []
-    return TokenLogprob(token=text, logprob=0.0, bytes=list(raw), top_logprobs=alternatives)
+    text, raw = _describe(backend, token)
+    alternatives = [TopLogprob(token=text, logprob=0.0, bytes=raw)] if top else []
+    return TokenLogprob(token=text, logprob=0.0, bytes=raw, top_logprobs=alternatives)
 
 
 def _logprob_entry(backend: Backend, token: int, logprobs: np.ndarray, top: int) -> TokenLogprob:
-    def describe(tid: int) -> tuple[str, list[int]]:
-        raw = backend.token_bytes(tid)
-        return raw.decode("utf-8", errors="replace"), list(raw)
-
     alternatives: list[TopLogprob] = []
     if top:
         best = np.argpartition(-logprobs, top - 1)[:top]
         best = best[np.isfinite(logprobs[best])]  # a constraint's mask may leave fewer than ``top``
         for tid in best[np.argsort(-logprobs[best], kind="stable")]:
-            text, raw = describe(int(tid))
+            text, raw = _describe(backend, int(tid))
             alternatives.append(TopLogprob(token=text, logprob=float(logprobs[tid]), bytes=raw))
-    text, raw = describe(token)
+    text, raw = _describe(backend, token)
     return TokenLogprob(token=text, logprob=float(logprobs[token]), bytes=raw, top_logprobs=alternatives)
 
 

@@ -18,7 +18,11 @@ from typing import Any, Literal, TypeAlias, TypedDict
 from pydantic import BaseModel
 from typing_extensions import NotRequired, Required
 
-__all__ = ["CompletionCreateParams", "MessageParam", "RequestOptions", "ToolChoiceParam"]
+__all__ = ["PROMPT_SHAPING_PARAMETERS", "CompletionCreateParams", "MessageParam", "RequestOptions", "ToolChoiceParam"]
+
+PROMPT_SHAPING_PARAMETERS = ("tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format")
+"""Parameters beside ``messages`` and ``tools`` that change the prompt (a forced call, a schema's
+instruction), so a token count must apply them (``count_tokens``, ``POST /tokenize``)."""
 
 MessageParam: TypeAlias = Mapping[str, Any] | BaseModel
 """A message as a dict in OpenAI's shape (``{"role": ..., "content": ...}``), or a pydantic model

@@ -85,7 +85,7 @@ class Backend(abc.ABC):
     def _allocate_slots(self, n_slots: int) -> None:
         if n_slots < 1:
             raise ValueError(f"a backend needs at least one KV-cache slot, not {n_slots}")
-        self._slot_tokens: list[list[int]] = [_SlotTokens() for _ in range(n_slots)]
+        self._slot_tokens: list[_SlotTokens] = [_SlotTokens() for _ in range(n_slots)]
         # Per slot: the logits after its first n cached tokens, as the pass that evaluated them gave them.
         self._slot_logits: list[tuple[int, np.ndarray] | None] = [None] * n_slots
         # Which generation last changed each slot; the decode loop re-evaluates its own tokens
@@ -127,16 +127,14 @@ class Backend(abc.ABC):
         self.use_slot(0)
 
     @property
-    def _cached(self) -> list[int]:
+    def _cached(self) -> _SlotTokens:
         """The current slot's token ids (backends extend and trim it as their cache changes)."""
         return self._slot_tokens[self._slot]
 
     def remember_logits(self, logits: np.ndarray) -> None:
         """Keep ``logits`` as those after every token now cached in the current slot (a copy)."""
-        tokens = self._cached
-        self._slot_logits[self._slot] = (len(tokens), np.array(logits, dtype=np.float32, copy=True))
-        if isinstance(tokens, _SlotTokens):
-            tokens.mark()
+        self._slot_logits[self._slot] = (len(self._cached), np.array(logits, dtype=np.float32, copy=True))
+        self._cached.mark()
 
     def recall_logits(self, length: int) -> np.ndarray | None:
         """The logits after the current slot's first ``length`` tokens, as :meth:`remember_logits`
@@ -149,10 +147,7 @@ class Backend(abc.ABC):
         bfloat16): a greedy near-tie could then go another way than it did the first time.
         """
         kept = self._slot_logits[self._slot]
-        tokens = self._cached
-        if kept is None or kept[0] != length or len(tokens) < length:
-            return None
-        if not isinstance(tokens, _SlotTokens) or tokens.lowest < length:
+        if kept is None or kept[0] != length or self._cached.lowest < length or len(self._cached) < length:
             return None
         return kept[1].copy()
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from local_llm_kit.errors import GenerationTimeoutError, InvalidRequestError
+from local_llm_kit.params import PROMPT_SHAPING_PARAMETERS
 from local_llm_kit.remote._errors import Rejected, RemoteServerError, json_or_raise, unreachable
 
 __all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT_S", "RemoteEndpoint"]
@@ -27,7 +28,6 @@ logger = logging.getLogger("local_llm_kit.remote")
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_RETRIES = 2
 _RETRY_STATUSES = (429, 503)
-_PROMPT_SHAPING = frozenset({"tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format"})
 _MAX_BACKOFF_S = 8.0
 
 
@@ -101,7 +101,7 @@ class RemoteEndpoint:
         # Parameters that change the prompt beyond messages and tools: a server's /tokenize counts
         # them only where it says it applied them (this library's server lists them in
         # "prompt_shaping"; another may ignore what it does not know), else a completion counts them.
-        prompt_shaping = {name for name in _PROMPT_SHAPING if body.get(name) is not None}
+        prompt_shaping = {name for name in PROMPT_SHAPING_PARAMETERS if body.get(name) is not None}
         if self._tokenize_supported is not False:
             tokenize = {"model": body["model"], "messages": body["messages"], "add_generation_prompt": True}
             if body.get("tools"):

@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from local_llm_kit.client import AsyncLLMClient
 from local_llm_kit.errors import LocalLLMKitError
+from local_llm_kit.params import PROMPT_SHAPING_PARAMETERS
 from local_llm_kit.remote import create_parameter_names
 from local_llm_kit.server.errors import APIError, error_from_exception, error_response
 from local_llm_kit.server.events import EventStreamResponse
@@ -48,9 +49,7 @@ logger = logging.getLogger(__name__)
 # The body fields of POST /v1/chat/completions: create()'s parameters. Anything else is
 # refused with 400 naming it (create() refuses the unsupported ones it knows by name).
 _CREATE_PARAMETERS = create_parameter_names()
-# Besides messages and tools, what changes the prompt (a forced tool call, a JSON schema's instruction).
-_PROMPT_SHAPING = ("tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format")
-_TOKENIZE_FIELDS = frozenset({"model", "messages", "tools", "add_generation_prompt", *_PROMPT_SHAPING})
+_TOKENIZE_FIELDS = frozenset({"model", "messages", "tools", "add_generation_prompt", *PROMPT_SHAPING_PARAMETERS})
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -205,8 +204,8 @@ class _Server:
             raise APIError(400, "messages is required", param="messages", code="missing_required_parameter")
         client = model.client
         try:
-            shaping = {name: body[name] for name in _PROMPT_SHAPING if body.get(name) is not None}
-            count = await asyncio.to_thread(lambda: client.count_tokens(body["messages"], body.get("tools"), **shaping))
+            shaping = {name: body[name] for name in PROMPT_SHAPING_PARAMETERS if body.get(name) is not None}
+            count = await asyncio.to_thread(client.count_tokens, body["messages"], body.get("tools"), **shaping)
         except LocalLLMKitError as exc:
             raise _as_api_error(exc) from exc
         # "prompt_shaping": what the count applied beyond messages and tools, so that a client can
