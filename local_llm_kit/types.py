@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 __all__ = [
     "ChoiceLogprobs",
@@ -113,12 +113,25 @@ class CompletionResponse(_Model):
     system_fingerprint: str | None = None
 
 
-class FunctionCallDelta(_Model):
+class _SparseDelta(_Model):
+    """A piece of a streamed call, serialized as OpenAI sends it: only the fields this chunk sets.
+
+    A continuation chunk is ``{"index": 0, "function": {"arguments": "..."}}``, without
+    ``"id": null, "type": null``: openai-python's ``chat.completions.stream()`` helper merges
+    ``type`` by replacing it, so an explicit null there breaks its accumulated tool call.
+    """
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class FunctionCallDelta(_SparseDelta):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(_Model):
+class ToolCallDelta(_SparseDelta):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None

@@ -82,6 +82,24 @@ def test_tools(client: openai.OpenAI) -> None:
     assert "city" in json.loads(arguments)
 
 
+def test_openai_stream_helper_accumulates_tool_calls(client: openai.OpenAI) -> None:
+    """openai's ``chat.completions.stream()`` merges deltas itself; a continuation chunk that sent
+    ``"type": null`` broke its tool-call snapshot (AssertionError inside openai)."""
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    whole = client.chat.completions.create(model=MODEL, messages=question, tools=[WEATHER],
+                                           tool_choice="required", max_tokens=60, temperature=0)
+    with client.chat.completions.stream(model=MODEL, messages=question, tools=[WEATHER],
+                                        tool_choice="required", max_tokens=60, temperature=0) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_completion()
+    assert "tool_calls.function.arguments.done" in events
+    [call] = final.choices[0].message.tool_calls or []
+    [expected] = whole.choices[0].message.tool_calls or []
+    assert (call.type, call.function.name, call.function.arguments) == (
+        "function", expected.function.name, expected.function.arguments)
+    assert call.id.startswith("call_")  # the id of the first chunk, kept by the merge
+
+
 def test_response_format(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Invent a person."}], max_tokens=60,
