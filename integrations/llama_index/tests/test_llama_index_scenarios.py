@@ -105,6 +105,25 @@ async def test_function_agent_calls_real_tool_to_final_answer(llama_cpp_llm: Loc
                      f"{str(result)!r}")
 
 
+async def test_function_agent_keeps_our_memory_across_runs_of_one_context(llama_cpp_llm: LocalLLMKit) -> None:
+    """LlamaIndex's way to continue a conversation: run the agent again with the same Context. The
+    Context saves its memory between runs (to_dict/from_dict), which our memory must survive."""
+    from llama_index.core.workflow import Context
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    memory = LocalLLMKitMemory.from_defaults(llm=llama_cpp_llm, token_limit=1500)
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(fn=multiply)], llm=llama_cpp_llm)
+    ctx = Context(agent)
+    await agent.run(user_msg="Hi, I am Ada.", ctx=ctx, memory=memory)
+    await agent.run(user_msg="What is my name?", ctx=ctx, memory=memory)
+    users = [m.content for m in memory.get_all() if m.role == MessageRole.USER]
+    assert users == ["Hi, I am Ada.", "What is my name?"]
+    assert memory.get_all()[-1].role == MessageRole.ASSISTANT
+
+
 # -- query engine -------------------------------------------------------------------------------------
 def test_query_engine_over_vector_index(index: VectorStoreIndex, llama_cpp_llm: LocalLLMKit) -> None:
     engine = index.as_query_engine(llm=llama_cpp_llm, similarity_top_k=1)

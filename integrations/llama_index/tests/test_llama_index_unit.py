@@ -323,6 +323,39 @@ async def test_memory_async_and_reset() -> None:
     assert await memory.aget_all() == []
 
 
+def test_memory_survives_a_workflow_context_round_trip() -> None:
+    """A workflow Context serializes its memory between two ``agent.run(ctx=ctx)``: before, the
+    copy lost the model and every message (the second run raised "llm Field required")."""
+    from workflows.context.serializers import JsonSerializer
+
+    llm = make_llm()
+    memory = LocalLLMKitMemory.from_defaults(llm=llm, token_limit=300)
+    memory.put_messages([
+        user("add 2 and 3"),
+        ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="c1", tool_name="add",
+                                                            tool_kwargs={"a": 2, "b": 3})]),
+        ChatMessage(role="tool", content="5", additional_kwargs={"tool_call_id": "c1"}),
+    ])
+    serializer = JsonSerializer()
+    saved = serializer.serialize(memory)  # what Context.to_dict() writes: JSON
+    copy = serializer.deserialize(saved)
+    assert isinstance(copy, LocalLLMKitMemory) and copy.token_limit == 300
+    assert copy.get_all() == memory.get_all()
+    copy.put(ChatMessage(role="assistant", content="5."))  # the agent's next turn, on the copy
+    assert memory.get_all()[-1].content == "5.", "in one process the copy continues the user's history"
+
+    elsewhere = json.loads(saved)["value"]  # another process: no live session of that id
+    elsewhere["session_id"] = "restored-" + elsewhere["session_id"]
+    restored = LocalLLMKitMemory.from_dict(elsewhere, llm=llm)
+    assert [m.content for m in restored.get_all()] == ["add 2 and 3", None, "5"]
+    [call] = [b for b in restored.get_all()[1].blocks if isinstance(b, ToolCallBlock)]
+    assert (call.tool_call_id, call.tool_name, call.tool_kwargs) == ("c1", "add", {"a": 2, "b": 3})
+    assert restored.token_count() == llm.client.count_tokens(to_openai_messages(restored.get_all()))
+    with pytest.raises(InvalidRequestError) as error:
+        LocalLLMKitMemory.from_dict(elsewhere, llm=llm, token_budget=10)
+    assert error.value.param == "token_budget"
+
+
 def test_memory_needs_local_llm_kit() -> None:
     with pytest.raises(InvalidRequestError) as error:
         LocalLLMKitMemory.from_defaults(llm=object(), token_limit=10)  # type: ignore[arg-type]

@@ -12,6 +12,8 @@ of tiktoken: ``Memory.from_defaults(token_limit=..., tokenizer_fn=llm.tokenizer_
 
 from __future__ import annotations
 
+import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,19 +29,31 @@ from local_llm_kit.request import normalize_messages
 
 __all__ = ["LocalLLMKitMemory"]
 
+# The live history of each session in this process: a memory rebuilt from its dict (a workflow
+# Context does that between two runs) continues the very history the user's object holds, as
+# LlamaIndex's own Memory does through its store; the saved messages serve only where none is live.
+_live_sessions: weakref.WeakValueDictionary[str, ConversationMemory] = weakref.WeakValueDictionary()
+
 
 class LocalLLMKitMemory(BaseMemory):
     """Chat history within ``token_limit`` model tokens (chat template included), trimmed turn by turn."""
 
     token_limit: int = Field(gt=0, description="Budget of the remembered history, in real model tokens.")
     llm: LocalLLMKit = Field(exclude=True, description="The model whose tokenizer and template count the budget.")
+    session_id: str = Field(default_factory=lambda: uuid.uuid4().hex,
+                            description="Names this history: copies made by from_dict() in this process share it.")
 
     _memory: ConversationMemory = PrivateAttr()
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
+        live = _live_sessions.get(self.session_id)
+        if live is not None and live.max_tokens == self.token_limit:
+            self._memory = live
+            return
         client = self.llm.client
         self._memory = ConversationMemory(self.token_limit, lambda messages: client.count_tokens(messages))
+        _live_sessions[self.session_id] = self._memory
 
     @classmethod
     def class_name(cls) -> str:
@@ -47,7 +61,8 @@ class LocalLLMKitMemory(BaseMemory):
 
     @classmethod
     def from_defaults(cls, llm: LocalLLMKit | None = None, token_limit: int | None = None,
-                      chat_history: list[ChatMessage] | None = None, **kwargs: Any) -> LocalLLMKitMemory:
+                      chat_history: list[ChatMessage] | None = None, session_id: str | None = None,
+                      **kwargs: Any) -> LocalLLMKitMemory:
         """Memory for ``llm`` (default: ``Settings.llm``); the default budget leaves room for one reply."""
         if kwargs:
             name = sorted(kwargs)[0]
@@ -62,7 +77,7 @@ class LocalLLMKitMemory(BaseMemory):
                                       f"{type(llm).__name__}", param="llm")
         if token_limit is None:
             token_limit = llm.metadata.context_window - llm.metadata.num_output
-        memory = cls(llm=llm, token_limit=token_limit)
+        memory = cls(llm=llm, token_limit=token_limit, **({"session_id": session_id} if session_id else {}))
         if chat_history:
             memory.set(chat_history)
         return memory
@@ -82,6 +97,42 @@ class LocalLLMKitMemory(BaseMemory):
         """Messages dropped by trimming so far."""
         trimmed: int = self._memory.trimmed_total
         return trimmed
+
+    # -- serialization: a workflow Context saves its memory between two agent.run(ctx=ctx) ----
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """The budget, the model's settings and the remembered messages, as JSON-ready data.
+
+        A workflow ``Context`` stores its memory this way between runs (and in ``ctx.to_dict()``),
+        then rebuilds it with :meth:`from_dict`; without the messages a reused context would come
+        back with an empty history."""
+        if kwargs:
+            raise InvalidRequestError(f"LocalLLMKitMemory.to_dict() got an unexpected argument {sorted(kwargs)[0]!r}",
+                                      param=sorted(kwargs)[0])
+        messages = [dict(m) for m in self._memory.messages]
+        return {"class_name": self.class_name(), "token_limit": self.token_limit, "session_id": self.session_id,
+                "llm": self.llm.to_dict(), "messages": messages}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> LocalLLMKitMemory:
+        """Rebuild what :meth:`to_dict` gave. In the process that saved it, while the original lives,
+        the copy shares its history (what either remembers, both do); elsewhere it starts from the
+        saved messages. The model is rebuilt from its settings (a client with the same settings
+        shares the loaded engine, so nothing loads twice) unless ``llm=`` is given."""
+        llm = kwargs.pop("llm", None)
+        if kwargs:
+            name = sorted(kwargs)[0]
+            raise InvalidRequestError(f"LocalLLMKitMemory.from_dict() got an unexpected argument {name!r}", param=name)
+        data = dict(data)
+        data.pop("class_name", None)
+        llm_settings = data.pop("llm", None)
+        if llm is None and llm_settings is not None:
+            llm = LocalLLMKit.from_dict(dict(llm_settings))
+        messages = data.pop("messages", [])
+        live = _live_sessions.get(data.get("session_id") or "")
+        memory = cls.from_defaults(llm=llm, **data)
+        if memory._memory is not live:
+            memory._memory.replace(normalize_messages(messages, param="messages"))
+        return memory
 
     # -- BaseMemory -----------------------------------------------------------------------
     def get(self, input: str | None = None, initial_token_count: int = 0, **kwargs: Any) -> list[ChatMessage]:
