@@ -22,7 +22,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from llama_index.llms.local_llm_kit import LocalLLMKit, LocalLLMKitMemory, StructuredOutputError
 from llama_index.llms.local_llm_kit._convert import message_from_openai, to_openai_messages
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from local_llm_kit import GenerationTimeoutError, InvalidRequestError
 from local_llm_kit.testing import FakeBackend, fake_client
@@ -253,6 +253,36 @@ async def test_astructured_predict_and_structured_llm() -> None:
     assert items[-1] == Person(name="Ada", age=36)
     response = llm.as_structured_llm(Person).chat([user("Ada")])
     assert json.loads(response.message.content or "") == {"name": "Ada", "age": 36}
+
+
+class Tagged(BaseModel):
+    name: str
+    tags: set[str]  # its schema says uniqueItems: checked after decoding, not a grammar
+
+
+class Even(BaseModel):
+    n: int
+
+    @field_validator("n")
+    @classmethod
+    def _even(cls, value: int) -> int:  # a rule no JSON schema states
+        if value % 2:
+            raise ValueError("n must be even")
+        return value
+
+
+async def test_structured_output_takes_classes_whose_schema_is_not_all_grammar() -> None:
+    """Structured output used to send ``strict: true``, which refuses any class with a keyword the
+    grammar cannot enforce (here ``uniqueItems``): now what can be enforced is, and pydantic judges
+    the result, as with llama-index's OpenAI LLM (``strict=False``)."""
+    reply = '{"name": "Ada", "tags": ["maths", "engines"]}'
+    expected = Tagged(name="Ada", tags={"maths", "engines"})
+    assert make_llm(reply).structured_predict(Tagged, PROMPT, who="Ada") == expected
+    assert await make_llm(reply).astructured_predict(Tagged, PROMPT, who="Ada") == expected
+    assert json.loads(make_llm(reply).as_structured_llm(Tagged).chat([user("Ada")]).message.content or "") == {
+        "name": "Ada", "tags": ["maths", "engines"]}
+    with pytest.raises(StructuredOutputError, match="not a valid Even"):  # pydantic still has the last word
+        make_llm('{"n": 3}').structured_predict(Even, PROMPT, who="Ada")
 
 
 def test_truncated_structured_output_raises() -> None:
