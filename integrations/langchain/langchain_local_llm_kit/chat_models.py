@@ -281,6 +281,8 @@ class ChatLocalLLMKit(BaseChatModel):
             info: dict[str, Any] = {"finish_reason": choice.finish_reason}
             if choice.logprobs is not None:
                 metadata["logprobs"] = info["logprobs"] = choice.logprobs.model_dump()
+            if choice.message.schema_violations:
+                metadata["schema_violations"] = list(choice.message.schema_violations)
             message.response_metadata = metadata
             generations.append(ChatGeneration(message=message, generation_info=info))
         return ChatResult(generations=generations,
@@ -318,10 +320,12 @@ class ChatLocalLLMKit(BaseChatModel):
                                      args=call.function.arguments if call.function else None,
                                      id=call.id, index=call.index)
                      for call in delta.tool_calls or ()]
-            if not (delta.content or calls or choice.finish_reason or choice.logprobs):
+            if not (delta.content or calls or choice.finish_reason or choice.logprobs or delta.schema_violations):
                 continue
             metadata: dict[str, Any] = {}
             info: dict[str, Any] | None = None
+            if delta.schema_violations:  # the client's last delta of a reply that broke a checked keyword
+                metadata["schema_violations"] = list(delta.schema_violations)
             if choice.finish_reason is not None:
                 metadata["finish_reason"] = choice.finish_reason
                 info = {"finish_reason": choice.finish_reason}
@@ -496,10 +500,7 @@ def _tool_choice(choice: dict[str, Any] | str | bool, names: list[str]) -> dict[
     if not names and choice not in ("none", False):
         raise ValueError(f"tool_choice={choice!r} needs at least one bound tool")
     if choice is True:
-        if len(names) != 1:
-            raise ValueError(f"tool_choice=True forces the one bound tool, but {len(names)} are bound: {names}; "
-                             "pass a tool name or 'any'")
-        return {"type": "function", "function": {"name": names[0]}}
+        return "required"  # as ChatOpenAI: some bound tool must be called (with one bound, that one)
     if choice is False:
         return None  # not forcing: the client's default ("auto" with tools)
     if isinstance(choice, str):

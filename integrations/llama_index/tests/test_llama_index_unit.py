@@ -285,6 +285,21 @@ async def test_structured_output_takes_classes_whose_schema_is_not_all_grammar()
         make_llm('{"n": 3}').structured_predict(Even, PROMPT, who="Ada")
 
 
+def test_schema_violations_reach_the_message() -> None:
+    """The client reports a keyword checked after decoding that the reply breaks (uniqueItems) on
+    ``message.schema_violations``; the adapter kept it only in ``raw``, and lost it when streaming."""
+    schema = {"type": "object", "required": ["ids"], "additionalProperties": False,
+              "properties": {"ids": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "Ids", "schema": schema}}
+    llm = make_llm('{"ids": [1, 1]}')
+    [violation] = llm.chat([user("ids?")], response_format=fmt).message.additional_kwargs["schema_violations"]
+    assert "uniqueItems" in violation
+    *_, last = llm.stream_chat([user("ids?")], response_format=fmt)
+    assert last.message.additional_kwargs["schema_violations"] == [violation]
+    assert "schema_violations" not in make_llm('{"ids": [1, 2]}').chat(
+        [user("ids?")], response_format=fmt).message.additional_kwargs
+
+
 def test_truncated_structured_output_raises() -> None:
     # 24 tokens fit the shortest valid Person (the core rejects a smaller budget up front) but not this one.
     long_reply = '{"name": "Adalovelac", "age": 136}'

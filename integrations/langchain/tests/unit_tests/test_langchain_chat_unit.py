@@ -234,11 +234,29 @@ def test_tool_choice_mapping(choice: Any, expected: Any) -> None:
     assert [t["function"]["name"] for t in bound["tools"]] == ["add", "shout"]
 
 
-def test_tool_choice_true_forces_the_single_tool() -> None:
-    assert _bound(fake_model().bind_tools([add], tool_choice=True))["tool_choice"] == {
-        "type": "function", "function": {"name": "add"}}
-    with pytest.raises(ValueError, match="tool_choice=True"):
-        fake_model().bind_tools([add, shout], tool_choice=True)
+def test_schema_violations_reach_response_metadata() -> None:
+    """A keyword checked after decoding (uniqueItems) that the reply breaks is reported by the client
+    on ``message.schema_violations``; the adapter used to drop it, returning invalid data silently."""
+    schema = {"type": "object", "required": ["ids"], "additionalProperties": False,
+              "properties": {"ids": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "Ids", "schema": schema}}
+    model = fake_model('{"ids": [1, 1]}').bind(response_format=fmt)
+    [violation] = model.invoke("ids?").response_metadata["schema_violations"]
+    assert "uniqueItems" in violation
+    merged = None
+    for chunk in model.stream("ids?"):
+        merged = chunk if merged is None else merged + chunk
+    assert merged is not None and merged.response_metadata["schema_violations"] == [violation]
+    assert "schema_violations" not in fake_model('{"ids": [1, 2]}').bind(response_format=fmt).invoke(
+        "ids?").response_metadata
+
+
+def test_tool_choice_true_requires_a_tool_call_as_chat_openai() -> None:
+    """ChatOpenAI maps ``True`` to ``"required"``; it used to raise here with two tools bound."""
+    assert _bound(fake_model().bind_tools([add, shout], tool_choice=True))["tool_choice"] == "required"
+    call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    calls = fake_model(call).bind_tools([add, shout], tool_choice=True).invoke("2 + 3?").tool_calls
+    assert [(c["name"], c["args"]) for c in calls] == [("add", {"a": 2, "b": 3})]
 
 
 @pytest.mark.parametrize("choice", ["multiply", {"type": "function", "function": {"name": "multiply"}}])

@@ -141,6 +141,8 @@ def message_from_openai(message: Mapping[str, Any]) -> ChatMessage:
         additional["name"] = message["name"]
     if message.get("function_call") is not None:
         additional["function_call"] = dict(message["function_call"])
+    if message.get("schema_violations"):  # keywords checked after decoding that the reply breaks
+        additional["schema_violations"] = list(message["schema_violations"])
     return ChatMessage(role=MessageRole(message.get("role", "assistant")), blocks=blocks,
                        additional_kwargs=additional)
 
@@ -183,6 +185,7 @@ class StreamAccumulator:
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
         self.logprobs: list[list[LogProb]] | None = None  # of the tokens so far, as chat() gives them
+        self.schema_violations: list[str] = []  # on the reply's last delta, as chat() reports them
 
     def add(self, chunk: CompletionChunk) -> ChatResponse:
         delta_text = ""
@@ -198,6 +201,7 @@ class StreamAccumulator:
                     entry["name"] += call.function.name or ""
                     entry["arguments"] += call.function.arguments or ""
             self.finish_reason = choice.finish_reason or self.finish_reason
+            self.schema_violations += choice.delta.schema_violations or ()
             logprobs = _logprobs(choice)
             if logprobs:
                 self.logprobs = [*(self.logprobs or []), *logprobs]
@@ -211,7 +215,8 @@ class StreamAccumulator:
     def message(self) -> ChatMessage:
         calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
                  for _, c in sorted(self._calls.items())]
-        return message_from_openai({"role": "assistant", "content": self.text, "tool_calls": calls})
+        return message_from_openai({"role": "assistant", "content": self.text, "tool_calls": calls,
+                                    "schema_violations": self.schema_violations})
 
 
 def tool_selections(response: ChatResponse, error_on_no_tool_call: bool) -> list[ToolSelection]:
