@@ -24,14 +24,17 @@ import contextlib
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from local_llm_kit.client import AsyncLLMClient
 from local_llm_kit.errors import LocalLLMKitError
@@ -44,6 +47,7 @@ from local_llm_kit.server.models import ServedModel, ServedModels, Slot
 
 __all__ = ["create_app"]
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 # The body fields of POST /v1/chat/completions: create()'s parameters. Anything else is
@@ -74,9 +78,31 @@ def create_app(models: AsyncLLMClient | Sequence[AsyncLLMClient], *, api_key: st
         Route("/tokenize", server.guard(server.tokenize), methods=["POST"]),
         Route("/health", server.health, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+                    middleware=[Middleware(_RequestId)])
     app.state.server = server
     return app
+
+
+class _RequestId:
+    """Every answer carries ``x-request-id`` (``req_`` and 32 hex digits), as OpenAI's do:
+    openai-python shows it as ``._request_id`` (and in its errors) for logs and bug reports."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = (b"x-request-id", f"req_{uuid.uuid4().hex}".encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class _Server:
@@ -143,11 +169,14 @@ class _Server:
         if body.get("messages") is None:
             raise APIError(400, "messages is required", param="messages", code="missing_required_parameter")
         arguments = {**body, "model": model.id}
-        slot = await model.acquire()
+        try:
+            # A client that gives up while queued leaves the queue at once: otherwise its place
+            # counts against max_queue until the model is free, and live requests get 503.
+            slot = await _unless_disconnected(request, model.acquire(), release=model.release)
+        except _ClientGone:
+            return Response(status_code=499)
         handed_over = False  # once streaming, the response gives the slot back when it ends
         try:
-            if await request.is_disconnected():  # gave up while waiting in the queue
-                raise _ClientGone
             if stream:
                 response = await self._start_stream(model, slot, arguments)
                 handed_over = True
@@ -218,8 +247,11 @@ class _Server:
                              "waiting": self.models.waiting})
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work``; if the client disconnects first, cancel it (generation stops at the next token)."""
+async def _unless_disconnected(request: Request, work: Awaitable[T],
+                               release: Callable[[T], object] | None = None) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (generation stops at the next
+    token) and raise :class:`_ClientGone`. ``release`` gives back what ``work`` got all the same,
+    had it finished between the disconnect and the cancel."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -229,8 +261,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     if task in done:
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, LocalLLMKitError):
-        await task
+    with contextlib.suppress(asyncio.CancelledError, LocalLLMKitError, APIError):
+        result = await task
+        if release is not None:
+            release(result)
     raise _ClientGone
 
 

@@ -42,6 +42,7 @@ def test_completion_matches_in_process(client: openai.OpenAI, cache_dir: Path) -
     assert served.choices[0].message.content == local.choices[0].message.content
     assert served.usage is not None and served.usage.prompt_tokens == local.usage.prompt_tokens
     assert served.model == MODEL and served.choices[0].finish_reason in ("stop", "length")
+    assert (served._request_id or "").startswith("req_")  # openai reads it from x-request-id
 
 
 def test_streaming_with_usage(client: openai.OpenAI) -> None:

@@ -112,6 +112,19 @@ def test_models_and_health(server: RunningServer, http: httpx.Client) -> None:
     assert health.json() == {"status": "ok", "generating": 0, "waiting": 0}
 
 
+def test_every_answer_has_its_own_request_id(server: RunningServer, http: httpx.Client) -> None:
+    """OpenAI sends x-request-id on every answer; openai-python shows it as ``._request_id``."""
+    answers = [http.post("/v1/chat/completions", json={"messages": Q}),
+               http.post("/v1/chat/completions", json={"messages": Q, "temperature": 9}),
+               http.get("/v1/models/other"), httpx.get(server.url + "/v1/models"), httpx.get(server.url + "/health")]
+    with http.stream("POST", "/v1/chat/completions", json={"messages": Q, "stream": True}) as streamed:
+        answers.append(streamed)
+    assert [a.status_code for a in answers] == [200, 400, 404, 401, 200, 200]
+    ids = [a.headers.get("x-request-id", "") for a in answers]
+    assert all(i.startswith("req_") and len(i) == 36 for i in ids), ids
+    assert len(set(ids)) == len(ids)
+
+
 def test_tokenize_counts_exactly(http: httpx.Client) -> None:
     counted = http.post("/tokenize", json={"model": "fake-model", "messages": Q}).json()
     usage = http.post("/v1/chat/completions", json={"messages": Q}).json()["usage"]
@@ -300,6 +313,30 @@ def test_burst_past_the_queue_gets_503_and_serving_goes_on() -> None:
         assert wait_idle(running) == {"status": "ok", "generating": 0, "waiting": 0}
         after = httpx.post(running.base_url + "/chat/completions", json={"messages": Q}, timeout=60)
         assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == "slow reply"
+
+
+def test_a_client_that_gives_up_in_the_queue_frees_its_place() -> None:
+    """With max_queue=1 a queued client that times out used to keep its place until the model was
+    free: /health said waiting 1 and the next live request got 503."""
+    backend = SlowBackend("z" * 300, delay=0.01)
+    with running_server(fake(backend=backend), limits=ServerLimits(max_queue=1)) as running:
+        long = threading.Thread(target=lambda: httpx.post(running.base_url + "/chat/completions",
+                                                          json={"messages": Q}, timeout=60))
+        long.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(running.url + "/health").json()["generating"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the long one, then gives up
+            httpx.post(running.base_url + "/chat/completions", json={"messages": Q}, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while (health := httpx.get(running.url + "/health").json())["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert health == {"status": "ok", "generating": 1, "waiting": 0}
+        queued = httpx.post(running.base_url + "/chat/completions", json={"messages": Q, "max_tokens": 3},
+                            timeout=60)
+        assert queued.status_code == 200 and queued.json()["choices"][0]["message"]["content"] == "zzz"
+        long.join()
+        assert wait_idle(running) == {"status": "ok", "generating": 0, "waiting": 0}
 
 
 def test_dropped_streams_stop_generating() -> None:
