@@ -38,7 +38,7 @@ from local_llm_kit.memory import ConversationMemory, split_turns
 from local_llm_kit.models import ResolvedModel, resolve_model
 from local_llm_kit.params import CompletionCreateParams, MessageParam, RequestOptions
 from local_llm_kit.parsing import parse_params, parsed_completion
-from local_llm_kit.request import ChatRequest, normalize_messages, validate_request
+from local_llm_kit.request import ChatRequest, check_tool_results, normalize_messages, validate_request
 from local_llm_kit.sharing import Shared, sibling
 from local_llm_kit.streaming import AsyncStream, ReplyCollector, Stream
 from local_llm_kit.types import CompletionChunk, CompletionResponse, Message, ParsedCompletion
@@ -334,6 +334,8 @@ class _BaseClient:
         request = validate_request(args, default_temperature=self.settings.temperature,
                                    default_top_p=self.settings.top_p, n_vocab=engine.backend.info.n_vocab)
         request = _with_speculation(request, self.settings.draft_tokens, engine)
+        memory = self._memory
+        check_tool_results(request.messages, memory.snapshot() if memory is not None else ())
         if request.user is not None:
             request_log.info("request from user %r on %s", request.user, engine.model.name)
         return engine, request, timeout

@@ -17,7 +17,7 @@ from local_llm_kit.formats import JsonSpec, parse_response_format
 from local_llm_kit.speculation import draft_tokens
 from local_llm_kit.tools import ToolPlan, parse_tools
 
-__all__ = ["ChatRequest", "normalize_messages", "validate_request"]
+__all__ = ["ChatRequest", "check_tool_results", "normalize_messages", "validate_request"]
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _MESSAGE_KEYS = {
@@ -223,6 +223,37 @@ def normalize_messages(messages: Any, param: str = "messages") -> list[dict[str,
             out["function_call"] = call[0]["function"]
         result.append(out)
     return result
+
+
+def check_tool_results(messages: Sequence[dict[str, Any]], history: Sequence[dict[str, Any]] = ()) -> None:
+    """Each ``tool`` message must answer a call of the assistant message before it (other results
+    may come between), as OpenAI requires (a 400 there): a result with no call, or naming a call
+    that was not made, would be rendered as the answer to nothing. ``history`` is what memory sends
+    first, so a result may answer the call that ended the remembered conversation."""
+    open_calls: set[str] | None = None
+    for message in history:
+        open_calls = _calls_answerable_after(message, open_calls)
+    for i, message in enumerate(messages):
+        if message["role"] == "tool":
+            where = f"messages[{i}]"
+            if open_calls is None:
+                raise InvalidRequestError(
+                    f"{where} is a 'tool' message, which must answer the tool_calls of an assistant message "
+                    "before it, and there is none: send the assistant message with its tool_calls first",
+                    param=f"{where}.role")
+            if message["tool_call_id"] not in open_calls:
+                raise InvalidRequestError(
+                    f"{where}.tool_call_id {message['tool_call_id']!r} is not among the tool_calls of the "
+                    f"assistant message before it: {sorted(open_calls)}", param=f"{where}.tool_call_id")
+        open_calls = _calls_answerable_after(message, open_calls)
+
+
+def _calls_answerable_after(message: dict[str, Any], open_calls: set[str] | None) -> set[str] | None:
+    if message["role"] == "tool":
+        return open_calls
+    if message["role"] == "assistant" and message.get("tool_calls"):
+        return {call["id"] for call in message["tool_calls"]}
+    return None
 
 
 def _optional_int(name: str, value: Any, low: int, high: int | None = None) -> int | None:

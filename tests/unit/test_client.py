@@ -174,6 +174,12 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "4"}]},
+     "messages[1].role"),  # a result with no call before it: OpenAI's 400 too
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+        {"role": "tool", "tool_call_id": "call_9", "content": "5"}]}, "messages[2].tool_call_id"),
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
@@ -210,6 +216,20 @@ def test_invalid_parameters_are_rejected_by_name(client: LLMClient, overrides: d
         client.chat.completions.create(**kwargs)
     assert info.value.param == param
     assert list(client.engine.backend.cached_tokens) == before  # nothing was evaluated
+
+
+def test_a_tool_result_may_answer_the_call_memory_ends_with() -> None:
+    call = {"id": "call_7", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    client = fake_client(backend=FakeBackend("2"))
+    client.enable_memory(500)
+    client.add_to_memory([{"role": "user", "content": "add 1"},
+                          {"role": "assistant", "content": None, "tool_calls": [call]}])
+    reply = client.chat.completions.create(messages=[{"role": "tool", "tool_call_id": "call_7", "content": "2"}])
+    assert reply.choices[0].message.content == "2"
+    with pytest.raises(InvalidRequestError) as info:  # the call is answered now: nothing is open
+        client.chat.completions.create(messages=[{"role": "tool", "tool_call_id": "call_7", "content": "2"}])
+    assert info.value.param == "messages[0].role"
+    assert client.memory[-1] == {"role": "assistant", "content": "2"}  # the refused request changed nothing
 
 
 async def test_async_client_create_and_stream() -> None:

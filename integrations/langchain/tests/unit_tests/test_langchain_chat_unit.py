@@ -299,13 +299,15 @@ def test_tool_choice_none_without_tools_binds_nothing() -> None:
 def test_tool_message_history_round_trips() -> None:
     history = [
         HumanMessage("Add 1 and 2."),
-        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "call_1", "type": "tool_call"}]),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "call_1", "type": "tool_call"},
+                                  {"name": "add", "args": {"a": 1}, "id": "call_2", "type": "tool_call"}]),
         ToolMessage("3", tool_call_id="call_1", name="add"),
         ToolMessage([{"type": "text", "text": "boom"}], tool_call_id="call_2", status="error"),
     ]
     openai = to_openai_messages(history)
     assert openai[1] == {"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "id": "call_1", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]}
+        {"type": "function", "id": "call_1", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+        {"type": "function", "id": "call_2", "function": {"name": "add", "arguments": '{"a": 1}'}}]}
     assert openai[3]["content"] == "boom" and openai[3]["tool_call_id"] == "call_2"
     back = from_openai_messages(openai)
     assert isinstance(back[1], AIMessage) and back[1].tool_calls == history[1].tool_calls
