@@ -48,7 +48,8 @@ def response_format(output_cls: type[Any]) -> dict[str, Any]:
     grammar enforces every keyword it can, and pydantic validates the result in :func:`finish`.
     Strict would refuse common classes outright: a ``set[str]`` field's ``uniqueItems`` is not a
     grammar, yet pydantic accepts the JSON array either way."""
-    return {"type": "json_schema", "json_schema": {"name": output_cls.__name__, "schema": output_cls.model_json_schema()}}
+    return {"type": "json_schema",
+            "json_schema": {"name": output_cls.__name__, "schema": output_cls.model_json_schema()}}
 
 
 def start(llm: LLM, output_cls: type[Model], prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None,
