@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,44 +17,15 @@ def llk_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(Path(configured) if configured else tmp_path_factory.mktemp("llk-cache"))
 
 
-@contextlib.contextmanager
-def without_weight_repacking() -> Iterator[None]:
-    """Load llama.cpp models with ``use_extra_bufts=False``, only while this block runs.
-
-    WORKAROUND, to be removed once the core does it: llama-cpp-python 0.3.36 built here
-    segfaults in the first ``eval`` on this Intel Xeon (AVX512/AMX) when weights are repacked
-    into the CPU's extra buffer types; plain ``llama_cpp.Llama(...).eval(...)`` crashes the same
-    way, so it is not the adapter. The core fix belongs in ``backends/llama_cpp.py``.
-    """
-    import llama_cpp
-    import llama_cpp.llama as llama_module
-
-    original = llama_cpp.llama_model_default_params
-
-    def params():  # type: ignore[no-untyped-def]
-        value = original()
-        value.use_extra_bufts = False
-        return value
-
-    llama_module.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = original
-
-
 def loaded(llm: LocalLLMKit) -> LocalLLMKit:
-    if llm.backend == "llama.cpp":
-        with without_weight_repacking():
-            llm.client.load()
-    else:
-        llm.client.load()
+    """``llm`` with its weights loaded now, as a user's first call would load them."""
+    llm.client.load()
     return llm
 
 
 @pytest.fixture(scope="session")
 def load_llm() -> Callable[[LocalLLMKit], LocalLLMKit]:
-    """Loads an LLM's model now (with the llama.cpp workaround above)."""
+    """Loads an LLM's model now."""
     return loaded
 
 
