@@ -22,6 +22,7 @@ from local_llm_kit.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelUnloadedError,
+    RemoteServerError,
     TemplateError,
     TokenLimitError,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelUnloadedError",
+    "RemoteServerError",
     "ParsedChoice",
     "ParsedCompletion",
     "ParsedMessage",

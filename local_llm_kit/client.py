@@ -30,6 +30,7 @@ from local_llm_kit.config import (
 from local_llm_kit.deadline import Deadline, in_thread, timeout_of
 from local_llm_kit.engine import Engine, detach, get_engine
 from local_llm_kit.errors import (
+    BackendNotAvailableError,
     ClientClosedError,
     InvalidRequestError,
     TokenLimitError,
@@ -143,7 +144,10 @@ class _BaseClient:
         # backend="openai": requests go to an OpenAI-compatible server (local_llm_kit.remote).
         self._remote: RemoteEndpoint | None = None
         if self.settings.backend == REMOTE_BACKEND:
-            from local_llm_kit.remote import RemoteEndpoint
+            try:
+                from local_llm_kit.remote import RemoteEndpoint
+            except ImportError as exc:  # httpx, which only the server extra brings
+                raise BackendNotAvailableError(f"{exc}; then LLMClient(backend='openai') can reach a server") from exc
 
             assert self.settings.base_url is not None  # resolve_settings requires it
             self._remote = RemoteEndpoint(self.settings.base_url, api_key=self.settings.api_key, model=model,

@@ -13,7 +13,8 @@ Every error the library raises on purpose derives from :class:`LocalLLMKitError`
     ├── GenerationCancelledError  a stream was closed or a task cancelled mid-generation
     │   └── GenerationTimeoutError  the request's ``timeout`` passed (also a TimeoutError)
     ├── ModelUnloadedError        the model was unloaded while a request waited for it or ran
-    └── ClientClosedError         the client was closed with close() or its ``with`` block
+    ├── ClientClosedError         the client was closed with close() or its ``with`` block
+    └── RemoteServerError         backend="openai": the server was unreachable, refused the key, or failed
 
 ``InvalidRequestError`` also derives from :class:`ValueError`, so code that already catches
 ``ValueError`` for bad arguments keeps working.
@@ -32,6 +33,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelUnloadedError",
+    "RemoteServerError",
     "TemplateError",
     "TokenLimitError",
 ]
@@ -118,3 +120,16 @@ class LengthFinishReasonError(LocalLLMKitError):
     def __init__(self, message: str, *, completion: object) -> None:
         super().__init__(message)
         self.completion = completion
+
+
+class RemoteServerError(LocalLLMKitError):
+    """``backend="openai"``: the server could not be reached, timed out, refused the key, or failed.
+
+    ``status`` is the HTTP status it answered with (None when there was no answer); ``code`` is
+    the ``error.code`` of its answer, when it gave one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

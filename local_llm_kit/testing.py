@@ -10,6 +10,21 @@ stop strings, streaming, constraints, memory, KV-prefix reuse) runs for real on 
 >>> client = fake_client(reply="Hello there!")
 >>> client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}]).choices[0].message.content
 'Hello there!'
+
+A scripted tool call is written as the model would write it in the fake's ChatML format,
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``:
+
+>>> call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+>>> tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+...     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+>>> reply = fake_client(reply=call).chat.completions.create(
+...     messages=[{"role": "user", "content": "2 + 3?"}], tools=tools, tool_choice="required")
+>>> reply.choices[0].message.tool_calls[0].function.arguments
+'{"a": 2, "b": 3}'
+
+Under a grammar (``tools``, ``response_format``) the script is followed only where the grammar
+allows it, as a real model's choices are: a script that is not a valid call (bare JSON without
+the tags, say) yields a well-formed call whose values the grammar chose, not the script's.
 """
 
 from __future__ import annotations
@@ -19,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
 
 import numpy as np
 
@@ -202,14 +217,38 @@ class FixedPassCosts(PassCosts):
         return [1.0 + self._share * n for n in range(positions)]
 
 
+@overload
+def fake_client(reply: Reply = ..., *, backend: FakeBackend | None = ..., asynchronous: Literal[False] = ...,
+                **client_kwargs: Any) -> LLMClient: ...
+
+
+@overload
+def fake_client(reply: Reply = ..., *, backend: FakeBackend | None = ..., asynchronous: Literal[True],
+                **client_kwargs: Any) -> AsyncLLMClient: ...
+
+
+@overload
+def fake_client(reply: Reply = ..., *, backend: FakeBackend | None = ..., asynchronous: bool,
+                **client_kwargs: Any) -> LLMClient | AsyncLLMClient: ...
+
+
 def fake_client(reply: Reply = "Hello!", *, backend: FakeBackend | None = None, asynchronous: bool = False,
                 **client_kwargs: Any) -> LLMClient | AsyncLLMClient:
-    """A client whose model is a :class:`FakeBackend`; no weights are read."""
-    from local_llm_kit.client import AsyncLLMClient, LLMClient
+    """A client whose model is a :class:`FakeBackend`; no weights are read.
 
-    engine = fake_engine(backend or FakeBackend(reply))
+    ``client_kwargs`` are :class:`~local_llm_kit.LLMClient`'s; ``context_length`` is the fake
+    model's context (with ``backend=``, it must be that backend's ``n_ctx``).
+    """
+    from local_llm_kit.client import AsyncLLMClient, LLMClient
+    from local_llm_kit.errors import InvalidRequestError
+
     client_class = AsyncLLMClient if asynchronous else LLMClient
     client = client_class("fake-model", **client_kwargs)
+    n_ctx = client.settings.context_length
+    if backend is not None and "context_length" in client_kwargs and backend.n_ctx != n_ctx:
+        raise InvalidRequestError(f"context_length={n_ctx} disagrees with the given backend's n_ctx="
+                                  f"{backend.n_ctx}: pass one of them", param="context_length")
+    engine = fake_engine(backend or FakeBackend(reply, n_ctx=n_ctx))
     client._resolved = engine.model
     client._engine = engine
     return client

@@ -43,10 +43,10 @@ from __future__ import annotations
 try:
     import httpx  # noqa: F401
 except ImportError as _missing:  # the client raises a clear error when backend="openai" is used
-    raise ImportError("backend='openai' needs httpx: pip install 'local-llm-kit[server]'") from _missing
+    raise ImportError("backend='openai' needs httpx: pip install httpx (or the 'server' extra)") from _missing
 
+from local_llm_kit.errors import RemoteServerError
 from local_llm_kit.remote._completions import AsyncRemoteCompletions, RemoteCompletions, count_tokens
-from local_llm_kit.remote._errors import RemoteServerError
 from local_llm_kit.remote._request import create_parameter_names, request_body
 from local_llm_kit.remote._transport import RemoteEndpoint
 
@@ -55,5 +55,6 @@ __all__ = ["AsyncRemoteCompletions", "RemoteCompletions", "RemoteEndpoint", "Rem
 
 # The names show as local_llm_kit.remote.X (in reprs, tracebacks, docs), not as the private module's.
 for _name in __all__:
-    globals()[_name].__module__ = __name__
+    if _name != "RemoteServerError":  # defined in local_llm_kit.errors, with the others
+        globals()[_name].__module__ = __name__
 del _name

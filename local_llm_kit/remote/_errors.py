@@ -16,22 +16,11 @@ from local_llm_kit.errors import (
     InvalidRequestError,
     LocalLLMKitError,
     ModelNotFoundError,
+    RemoteServerError,
     TokenLimitError,
 )
 
 __all__ = ["ContextOverflow", "Rejected", "RemoteServerError", "error_from_answer", "json_or_raise", "unreachable"]
-
-
-class RemoteServerError(LocalLLMKitError):
-    """``backend="openai"``: the server could not be reached, timed out, refused the key, or failed.
-
-    ``status`` is the HTTP status it answered with (None when there was no answer).
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 class Rejected(InvalidRequestError):

@@ -22,3 +22,11 @@ async def asynchronous() -> None:
     aclient = AsyncLLMClient()
     assert_type(await aclient.chat.completions.create(messages=messages), CompletionResponse)
     assert_type(await aclient.chat.completions.create(messages=messages, stream=True), AsyncStream[CompletionChunk])
+
+
+def test_helpers() -> None:
+    from local_llm_kit.testing import fake_client
+
+    assert_type(fake_client("Hi"), LLMClient)  # usable where user code wants an LLMClient
+    assert_type(fake_client("Hi", asynchronous=True), AsyncLLMClient)
+    assert_type(fake_client("Hi", asynchronous=flag), LLMClient | AsyncLLMClient)

@@ -281,3 +281,39 @@ def test_prefix_of_the_previous_turn_is_reused() -> None:
     new_prompt = client.count_tokens(follow_up)
     # only what follows the cached prefix is evaluated
     assert backend.forward_calls[0] < new_prompt - prompt_len
+
+
+def test_backend_openai_without_httpx_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It raised a bare ImportError, which is no LocalLLMKitError (the CLI printed a traceback)."""
+    import sys
+
+    from local_llm_kit import BackendNotAvailableError
+
+    for name in [n for n in sys.modules if n == "httpx" or n.startswith(("httpx.", "local_llm_kit.remote"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "httpx", None)  # what an environment without httpx gives
+    with pytest.raises(BackendNotAvailableError, match="needs httpx"):
+        LLMClient(backend="openai", base_url="http://127.0.0.1:9/v1")
+
+
+def test_fake_client_takes_the_context_length_asked() -> None:
+    """fake_client(context_length=64) kept a 2,048-token fake model: a user's test of their
+    TokenLimitError handling could never see one."""
+    small = fake_client(context_length=64)
+    assert small.engine.n_ctx == 64
+    with pytest.raises(TokenLimitError) as info:
+        small.chat.completions.create(messages=[{"role": "user", "content": "x" * 100}])
+    assert info.value.context_length == 64
+    with pytest.raises(InvalidRequestError) as mismatch:
+        fake_client(backend=FakeBackend(n_ctx=128), context_length=64)
+    assert mismatch.value.param == "context_length"
+
+
+def test_the_testing_helpers_docs_run() -> None:
+    """The examples in local_llm_kit.testing's docstring (how to script a reply and a tool call) hold."""
+    import doctest
+
+    import local_llm_kit.testing
+
+    result = doctest.testmod(local_llm_kit.testing)
+    assert result.attempted >= 7 and result.failed == 0
