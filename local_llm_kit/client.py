@@ -162,6 +162,7 @@ class _BaseClient:
     # -- model ----------------------------------------------------------------------------
     @property
     def options(self) -> BackendOptions:
+        """The load options the engine gets (context, threads, dtype, device, KV slots, GPU layers...)."""
         s = self.settings
         return BackendOptions(n_ctx=s.context_length, cache_dir=s.cache_dir, n_threads=s.n_threads,
                               dtype=s.dtype, device=s.device, kv_slots=s.kv_slots, n_gpu_layers=s.n_gpu_layers,
@@ -177,6 +178,7 @@ class _BaseClient:
 
     @property
     def resolved_model(self) -> ResolvedModel:
+        """Where the model name points: its file or folder and format (resolved once, nothing loaded)."""
         if self._resolved is None:
             self._resolved = resolve_model(self._explicit_model, self.settings.model_path,
                                            self.settings.cache_dir, default=DEFAULT_MODEL)
@@ -222,6 +224,7 @@ class _BaseClient:
 
     @property
     def closed(self) -> bool:
+        """True after ``close()`` (or the end of a ``with`` block): requests then raise ClientClosedError."""
         return self._closed
 
     def _close(self) -> None:
@@ -287,6 +290,7 @@ class _BaseClient:
 
     @property
     def memory_enabled(self) -> bool:
+        """True between ``enable_memory()`` (or ``load_memory()``) and ``disable_memory()``."""
         return self._memory is not None
 
     @property
@@ -641,6 +645,7 @@ class AsyncLLMClient(_BaseClient):
         return sibling(self, LLMClient)
 
     async def load(self) -> AsyncLLMClient:
+        """Load the weights now, in a worker thread (see :meth:`LLMClient.load`)."""
         await asyncio.to_thread(lambda: self.model if self._remote is not None else self.engine)
         return self
 

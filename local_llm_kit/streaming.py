@@ -203,6 +203,7 @@ class AsyncStream(Generic[T]):
             await asyncio.to_thread(worker.join)
 
     async def close(self) -> None:
+        """The same as :meth:`aclose` (openai's ``AsyncStream.close()``)."""
         await self.aclose()
 
     async def __aenter__(self) -> AsyncStream[T]:

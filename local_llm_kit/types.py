@@ -53,6 +53,8 @@ class FunctionCall(_Model):
 
 
 class ToolCall(_Model):
+    """A tool call in a reply (``message.tool_calls``); answer it with a ``tool`` message naming ``id``."""
+
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -84,11 +86,15 @@ class TokenLogprob(_Model):
 
 
 class ChoiceLogprobs(_Model):
+    """Per-token log probabilities of a choice's content (``logprobs=True``; ``top_logprobs`` alternatives)."""
+
     content: list[TokenLogprob] | None = None
     refusal: list[TokenLogprob] | None = None
 
 
 class Choice(_Model):
+    """One of a response's ``n`` replies: its message and why it ended (``finish_reason``)."""
+
     index: int
     message: Message
     finish_reason: FinishReason
@@ -104,6 +110,8 @@ class Usage(_Model):
 
 
 class CompletionResponse(_Model):
+    """What ``chat.completions.create()`` returns without ``stream``, as openai's ``ChatCompletion``."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -139,6 +147,8 @@ class ToolCallDelta(_SparseDelta):
 
 
 class Delta(_Model):
+    """What a chunk adds to a choice's message: text, pieces of tool calls, or the role at the start."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: str | None = None
@@ -149,6 +159,8 @@ class Delta(_Model):
 
 
 class ChunkChoice(_Model):
+    """One choice's part of a streamed chunk; ``finish_reason`` is set on its last one."""
+
     index: int
     delta: Delta
     finish_reason: FinishReason | None = None
@@ -156,6 +168,9 @@ class ChunkChoice(_Model):
 
 
 class CompletionChunk(_Model):
+    """One item of a stream, as openai's ``ChatCompletionChunk``; with ``stream_options={"include_usage":
+    True}`` the last has no choices and carries ``usage``."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -186,6 +201,8 @@ class ParsedMessage(Message, Generic[ResponseT]):
 
 
 class ParsedChoice(Choice, Generic[ResponseT]):
+    """A :class:`Choice` of ``parse()``, whose message carries ``parsed``."""
+
     message: ParsedMessage[ResponseT]
 
 

@@ -238,6 +238,16 @@ def test_cli_refuses_public_bind_without_key(monkeypatch: pytest.MonkeyPatch,
     assert "without an API key" in capsys.readouterr().err
 
 
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import local_llm_kit
+    from local_llm_kit.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"local-llm-kit {local_llm_kit.__version__}"
+
+
 @pytest.mark.parametrize("port", ["99999", "-5", "http"])
 def test_cli_refuses_a_bad_port_before_loading_anything(port: str, capsys: pytest.CaptureFixture[str]) -> None:
     from local_llm_kit.cli import main
