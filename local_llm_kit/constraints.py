@@ -588,6 +588,11 @@ class GrammarConstraint:
     def _completion(self, limit: int) -> list[int] | None:
         """A completion from the current state; the search stops past ``limit`` tokens (longer ones
         could not be steered to in the budget left anyway, and a search that fails costs its length)."""
+        if self._valid([]):
+            # Already where the reply may end (free text beside tools): ending is the shortest
+            # completion. The last path would stay valid too (more text is still text), and a reply
+            # cut by the budget would end with its first token, written for an empty text.
+            return []
         if self._last_path is not None and self._valid(self._last_path):
             return list(self._last_path)
         return self._closer.complete(self._matcher, self._excluded, self._n, max_tokens=limit, tails=self._tails)

@@ -151,3 +151,22 @@ def test_a_search_that_cannot_succeed_is_not_repeated_at_every_token(monkeypatch
     text, _ = decode(schema, scripted('"' + "]" * 1000), 200)
     assert text.startswith('"]]]]')
     assert len(calls) < 20
+
+
+@pytest.mark.parametrize("max_tokens", [8, 20, 33])
+def test_free_text_beside_tools_is_cut_where_the_budget_ends_not_steered(max_tokens: int) -> None:
+    """tool_choice="auto": a text reply that reaches max_tokens is plain text, cut like any other.
+    The closing reused its first completion (a token that ends a still-empty text) long after the
+    text could end on its own, and wrote it as the last token of every cut reply."""
+    from local_llm_kit.testing import fake_client
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
+    story = "Once upon a time a dragon guarded a mountain of gold and slept for a hundred years."
+    client = fake_client(story)
+    question = [{"role": "user", "content": "A story?"}]
+    for choice in ("auto", "none"):
+        reply = client.chat.completions.create(messages=question, tools=tools, tool_choice=choice,
+                                               max_tokens=max_tokens)
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.choices[0].message.content == story[:max_tokens], choice  # one token per byte
