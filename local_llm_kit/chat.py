@@ -122,6 +122,7 @@ def complete(engine: Engine, prepared: PreparedChat, cancel: threading.Event | N
                 logprobs: list[TokenLogprob] = []
                 finished: Finished | None = None
                 for event in _run(engine, prepared, index, ticket, cancel):
+                    ticket.ensure_open()
                     if isinstance(event, TextPiece):
                         texts.append(event.text)
                         logprobs.extend(event.logprobs or ())

@@ -50,6 +50,16 @@ class Ticket:
         self.idle_since: float | None = time.monotonic()
         self.released = False
 
+    def ensure_open(self) -> None:
+        """Raise :class:`ModelUnloadedError` once the model is being unloaded. A non-streamed reply
+        holds one step from its first token to its last, so it asks between tokens: unloading
+        waits for the step in progress, and would otherwise wait for the whole reply."""
+        if self._lease.closed:
+            raise ModelUnloadedError(
+                "the model was unloaded during this generation (unload_all() or the last client's "
+                "close()); send the request again to load it anew"
+            )
+
     @contextmanager
     def step(self) -> Iterator[None]:
         """Hold the model for one step of work (a prefill, a token, a whole non-streamed reply)."""
@@ -57,11 +67,7 @@ class Ticket:
         self.idle_since = None
         try:
             with lease.step_lock:
-                if lease.closed:
-                    raise ModelUnloadedError(
-                        "the model was unloaded during this generation (unload_all() or the last client's "
-                        "close()); send the request again to load it anew"
-                    )
+                self.ensure_open()
                 yield
         finally:
             self.idle_since = time.monotonic()

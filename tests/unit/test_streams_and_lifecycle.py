@@ -221,6 +221,32 @@ def test_unloading_stops_a_running_stream_with_a_clear_error() -> None:
         list(stream)
 
 
+def test_unloading_stops_a_running_non_streamed_request_at_its_next_token() -> None:
+    """A non-streamed reply holds the model for its whole length; unloading waited for all of it
+    (300 tokens here) and the request answered as if nothing had happened."""
+    client, backend = _client(delay_s=0.01, reply="q" * 300)
+    outcome: list[object] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(client.chat.completions.create(messages=MESSAGES, temperature=0))
+        except ModelUnloadedError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=ask)
+    worker.start()
+    while len(backend.forward_calls) < 5:
+        time.sleep(0.005)
+    started = time.monotonic()
+    client.engine.close()
+    unloading = time.monotonic() - started
+    worker.join(timeout=30)
+    [result] = outcome
+    assert isinstance(result, ModelUnloadedError), result
+    assert len(backend.forward_calls) < 100, "it decoded on after the unload"
+    assert unloading < 1.0, f"unloading waited {unloading:.2f} s for the reply"
+
+
 def test_a_closed_client_refuses_requests_and_a_with_block_closes_it() -> None:
     client, _ = _client()
     with client as same:
