@@ -124,8 +124,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from local_llm_kit.server import ServerLimits, check_bind, serve
     except ImportError as exc:
-        print(f"error: the server needs the 'server' extra ({exc.name} is missing): "
-              "pip install 'local-llm-kit[server]'", file=sys.stderr)
+        from local_llm_kit.backends import install_command
+
+        print(f"error: the server needs the 'server' extra ({exc.name} is missing): {install_command('server')}",
+              file=sys.stderr)
         return 2
     api_key = args.api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None
     check_bind(args.host, api_key, args.allow_insecure_no_key)  # before minutes of loading

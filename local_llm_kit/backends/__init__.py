@@ -62,7 +62,25 @@ def create_backend(name: str, path: str, options: BackendOptions) -> Backend:
     except ImportError as exc:
         raise BackendNotAvailableError(
             f"the {name!r} backend needs packages that are not installed ({exc}); "
-            f"install them with: pip install 'local-llm-kit[{extra}]'"
+            f"install them with: {install_command(extra)}"
         ) from exc
     backend_class: type[Backend] = getattr(module, class_name)
     return backend_class(path, options)  # type: ignore[call-arg,arg-type]
+
+
+def install_command(extra: str) -> str:
+    """``pip install`` of what this package's ``extra`` brings, named package by package: the name
+    ``local-llm-kit`` on PyPI is another project's, so ``pip install 'local-llm-kit[extra]'``
+    could fetch that one instead of adding the extra's packages to this one."""
+    import importlib.metadata
+    import re
+
+    try:
+        requirements = importlib.metadata.requires("local-llm-kit") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        requirements = []
+    marker = re.compile(rf"""^(?P<spec>[^;]+);.*\bextra\s*==\s*["']{re.escape(extra)}["']""")
+    packages = [m.group("spec").strip() for r in requirements if (m := marker.match(r))]
+    if not packages:
+        return f"pip install -e '.[{extra}]' in a checkout of local_llm_kit"
+    return "pip install " + " ".join(f"'{p}'" if any(c in p for c in "<>=!~ ") else p for p in packages)

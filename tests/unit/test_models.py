@@ -93,3 +93,13 @@ def test_a_context_past_the_trained_length_is_warned_about(caplog: pytest.LogCap
     with caplog.at_level("WARNING", logger="local_llm_kit.engine"):
         fake_engine(FakeBackend("x", n_ctx=1024))
     assert "past the" not in caplog.text
+
+
+def test_install_hints_name_the_packages_not_the_pypi_name_of_another_project() -> None:
+    """PyPI's ``local-llm-kit`` is an unrelated project: a hint of ``pip install 'local-llm-kit[x]'``
+    could fetch it. The hints name the extra's own requirements, read from this package's metadata."""
+    from local_llm_kit.backends import install_command
+
+    assert install_command("llama-cpp").startswith("pip install 'llama-cpp-python>=")
+    server = install_command("server")
+    assert "httpx" in server and "uvicorn" in server and "local-llm-kit" not in server

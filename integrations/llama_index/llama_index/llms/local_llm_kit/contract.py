@@ -8,10 +8,13 @@ token usage, and that the caller's chat history is never changed.
 
 >>> import pytest
 >>> from llama_index.llms.local_llm_kit.contract import LLMContractTests
+>>> @pytest.fixture(scope="module")  # built once; a class-scoped method fixture is deprecated in pytest 9
+... def my_llm():
+...     return MyLLM(temperature=0, max_tokens=32)
 >>> class TestMyLLM(LLMContractTests):
-...     @pytest.fixture(scope="class")
-...     def llm(self):
-...         return MyLLM(temperature=0, max_tokens=32)
+...     @pytest.fixture
+...     def llm(self, my_llm):
+...         return my_llm
 
 Async tests are marked ``pytest.mark.asyncio`` (pytest-asyncio). Tests of tools and structured
 output need a ``FunctionCallingLLM``; set ``supports_tools = False`` or
