@@ -11,7 +11,8 @@ prompt or reply: how much the model actually copied, which bounds what drafting 
 
     python benchmarks/bench_speculation.py --backends llama.cpp transformers
 
-Threads default to the library's own choice (all cores up to 8), which is what a user gets; on a
+Threads default to the library's own choice (decode steps on half the cores, batches on all of them
+up to 8; before, all cores for both), which is what a user gets; on a
 small CPU the answer depends on it (see the README), so tables say which they used.
 """
 

@@ -14,6 +14,8 @@
                                    ``local-llm-kit serve`` requires
 ``LOCAL_LLM_KIT_N_GPU_LAYERS``     llama.cpp: layers to offload to the GPU (-1: all)
 ``LOCAL_LLM_KIT_KV_SLOTS``         cached conversations kept per loaded model
+``LOCAL_LLM_KIT_N_THREADS``        CPU threads of an in-process engine (fewer where other
+                                 processes compete for the cores: see the README)
                                    (default: chosen from the model's KV size)
 =================================  ===================================================
 
@@ -227,6 +229,12 @@ def resolve_settings(
 
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
         raise InvalidRequestError(f"n_threads must be a positive integer, got {n_threads!r}", param="n_threads")
+    env_threads = _env(env, "N_THREADS") if resolved_backend != REMOTE_BACKEND else None
+    if n_threads is None and env_threads is not None:
+        if not env_threads.isdigit() or int(env_threads) < 1:
+            raise InvalidRequestError(f"{ENV_PREFIX}N_THREADS must be a positive integer, got {env_threads!r}",
+                                      param=ENV_PREFIX + "N_THREADS")
+        n_threads = int(env_threads)
 
     resolved_url = base_url if base_url is not None else _env(env, "BASE_URL")
     resolved_key = api_key if api_key is not None else _env(env, "API_KEY")

@@ -26,7 +26,7 @@ from local_llm_kit.errors import InvalidRequestError, ModelLoadError
 if TYPE_CHECKING:
     import llguidance
 
-__all__ = ["LlamaCppBackend", "default_threads", "gpu_options"]
+__all__ = ["LlamaCppBackend", "default_decode_threads", "default_threads", "gpu_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,20 @@ def default_threads() -> int:
     except AttributeError:  # not on Linux
         visible = os.cpu_count() or 1
     return max(1, min(visible, 8))
+
+
+def default_decode_threads() -> int:
+    """Threads of a one-token step when ``n_threads`` is not given: half of :func:`default_threads`.
+
+    llama.cpp's workers meet at a barrier after every operation and spin while they wait, so when
+    another process takes a core, the thread they wait for is descheduled and decoding collapses.
+    A one-token step is too small to need every core. SmolLM2 on 2 cores (benchmarks/
+    bench_wait_policy.py): 1 thread decoded at 131 tok/s, 2 threads at 133 on an idle machine but 41
+    beside one busy process, where 1 thread kept 131. Prefill, a real matrix product, keeps every
+    core (741 tokens: 1.77 s with 2 threads against 3.1 s with 1): ``n_threads_batch`` stays
+    :func:`default_threads`.
+    """
+    return max(1, default_threads() // 2)
 
 
 class LlamaCppBackend(Backend):
@@ -61,14 +75,15 @@ class LlamaCppBackend(Backend):
                                       param="cuda_graphs")
         if not Path(path).is_file():
             raise ModelLoadError(f"the llama.cpp backend loads GGUF files; {path} is not a file")
-        threads = options.n_threads or default_threads()
+        threads = options.n_threads or default_decode_threads()
+        batch_threads = options.n_threads or default_threads()
         gpu = gpu_options(options)
         try:
             # The Llama object holds the model, its tokenizer and metadata; its own context is a
             # small placeholder, replaced below by one with a sequence per slot (Llama cannot
             # create a context with several sequences).
             self._llama = llama_cpp.Llama(
-                model_path=path, n_ctx=_PLACEHOLDER_CTX, n_threads=threads, n_threads_batch=threads,
+                model_path=path, n_ctx=_PLACEHOLDER_CTX, n_threads=threads, n_threads_batch=batch_threads,
                 logits_all=False, verbose=False, swa_full=True, **gpu,
             )
         except (ValueError, RuntimeError, OSError) as exc:

@@ -30,7 +30,9 @@ def test_environment_beats_defaults_and_arguments_beat_environment() -> None:
                                              ("LOCAL_LLM_KIT_CONTEXT_LENGTH", "-5"),
                                              ("LOCAL_LLM_KIT_BACKEND", "vllm"),
                                              ("LOCAL_LLM_KIT_N_GPU_LAYERS", "-5"),
-                                             ("LOCAL_LLM_KIT_N_GPU_LAYERS", "many")])
+                                             ("LOCAL_LLM_KIT_N_GPU_LAYERS", "many"),
+                                             ("LOCAL_LLM_KIT_N_THREADS", "0"),
+                                             ("LOCAL_LLM_KIT_N_THREADS", "all")])
 def test_malformed_environment_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         resolve_settings(**DEFAULTS, environ={name: value})
@@ -72,6 +74,13 @@ def test_cuda_graphs_is_a_transformers_option() -> None:
     with pytest.raises(InvalidRequestError, match="True or False") as caught:
         resolve_settings(**{**DEFAULTS, "backend": "transformers"}, cuda_graphs="yes", environ={})  # type: ignore[arg-type]
     assert caught.value.param == "cuda_graphs"
+
+
+def test_threads_from_the_environment_for_in_process_engines() -> None:
+    assert resolve_settings(**DEFAULTS, environ={"LOCAL_LLM_KIT_N_THREADS": "1"}).n_threads == 1
+    assert resolve_settings(**{**DEFAULTS, "n_threads": 2}, environ={"LOCAL_LLM_KIT_N_THREADS": "1"}).n_threads == 2
+    assert resolve_settings(**{**DEFAULTS, "backend": "transformers"},
+                            environ={"LOCAL_LLM_KIT_N_THREADS": "3"}).n_threads == 3
 
 
 def test_a_llama_cpp_default_in_the_environment_does_not_block_another_backend() -> None:
