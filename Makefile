@@ -60,6 +60,14 @@ test-floors:
 	# files, and the static caches of the CUDA-graph path
 	$(FLOORS_PY) -m pip install --quiet torch==2.13.0
 	$(FLOORS_PY) -m pytest -q tests/unit/test_dependency_floors.py tests/unit/test_hf_convert.py tests/unit/test_templates.py tests/unit/test_static_cache.py
+	# last, the adapters at their own floors (langchain-core 1.2.31, langchain 1.2.15, langgraph 1.1.6,
+	# llama-index-core 0.14.5; they lift some of the core's, hence after): their unit tests, on the fake
+	# backend. One of them resolves the packaged model, which this venv does not install.
+	$(FLOORS_UV) install --python $(FLOORS_PY) --resolution lowest-direct --overrides $(FLOORS_VENV)/without-torch.txt \
+		-e integrations/langchain -e integrations/llama_index
+	$(FLOORS_PY) -m pytest -q integrations/langchain/tests/unit_tests/test_langchain_chat_unit.py \
+		integrations/llama_index/tests/test_llama_index_unit.py \
+		--deselect integrations/llama_index/tests/test_llama_index_unit.py::test_fields_configure_the_client_without_loading
 
 lint: install
 	$(VENV)/bin/ruff check local_llm_kit tests benchmarks integrations
