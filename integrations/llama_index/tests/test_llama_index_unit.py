@@ -279,8 +279,8 @@ async def test_structured_output_takes_classes_whose_schema_is_not_all_grammar()
     expected = Tagged(name="Ada", tags={"maths", "engines"})
     assert make_llm(reply).structured_predict(Tagged, PROMPT, who="Ada") == expected
     assert await make_llm(reply).astructured_predict(Tagged, PROMPT, who="Ada") == expected
-    assert json.loads(make_llm(reply).as_structured_llm(Tagged).chat([user("Ada")]).message.content or "") == {
-        "name": "Ada", "tags": ["maths", "engines"]}
+    structured = json.loads(make_llm(reply).as_structured_llm(Tagged).chat([user("Ada")]).message.content or "")
+    assert Tagged.model_validate(structured) == expected  # some llama-index versions write the set back, unordered
     with pytest.raises(StructuredOutputError, match="not a valid Even"):  # pydantic still has the last word
         make_llm('{"n": 3}').structured_predict(Even, PROMPT, who="Ada")
 
