@@ -231,8 +231,9 @@ def check_tool_results(messages: Sequence[dict[str, Any]], history: Sequence[dic
     that was not made, would be rendered as the answer to nothing. ``history`` is what memory sends
     first, so a result may answer the call that ended the remembered conversation."""
     open_calls: set[str] | None = None
-    for message in history:
-        open_calls = _calls_answerable_after(message, open_calls)
+    last = next((m for m in reversed(history) if m["role"] != "tool"), None)  # results keep what is open
+    if last is not None:
+        open_calls = _calls_answerable_after(last, None)
     for i, message in enumerate(messages):
         if message["role"] == "tool":
             where = f"messages[{i}]"
