@@ -29,6 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_results
 
+from local_llm_kit.backends.llama_cpp import default_threads
+
 # name -> (environment, threads: None for the library's default)
 POLICIES: dict[str, tuple[dict[str, str], int | None]] = {
     "all cores (spin)": ({}, 0),
@@ -95,8 +97,6 @@ def main() -> None:
             for _ in range(args.runs):
                 for name, (policy, threads) in POLICIES.items():
                     if threads == 0:  # every core the library would use for a prefill
-                        from local_llm_kit.backends.llama_cpp import default_threads
-
                         threads = default_threads()
                     rates[name][busy].append(measure(policy, threads, args.max_tokens, args.timeout))
         finally:

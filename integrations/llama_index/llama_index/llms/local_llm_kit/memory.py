@@ -64,10 +64,7 @@ class LocalLLMKitMemory(BaseMemory):
                       chat_history: list[ChatMessage] | None = None, session_id: str | None = None,
                       **kwargs: Any) -> LocalLLMKitMemory:
         """Memory for ``llm`` (default: ``Settings.llm``); the default budget leaves room for one reply."""
-        if kwargs:
-            name = sorted(kwargs)[0]
-            raise InvalidRequestError(f"LocalLLMKitMemory.from_defaults() got an unexpected argument {name!r}",
-                                      param=name)
+        _refuse_unexpected("from_defaults", kwargs)
         if llm is None:
             from llama_index.core import Settings
 
@@ -105,9 +102,7 @@ class LocalLLMKitMemory(BaseMemory):
         A workflow ``Context`` stores its memory this way between runs (and in ``ctx.to_dict()``),
         then rebuilds it with :meth:`from_dict`; without the messages a reused context would come
         back with an empty history."""
-        if kwargs:
-            raise InvalidRequestError(f"LocalLLMKitMemory.to_dict() got an unexpected argument {sorted(kwargs)[0]!r}",
-                                      param=sorted(kwargs)[0])
+        _refuse_unexpected("to_dict", kwargs)
         messages = [dict(m) for m in self._memory.messages]
         return {"class_name": self.class_name(), "token_limit": self.token_limit, "session_id": self.session_id,
                 "llm": self.llm.to_dict(), "messages": messages}
@@ -119,9 +114,7 @@ class LocalLLMKitMemory(BaseMemory):
         saved messages. The model is rebuilt from its settings (a client with the same settings
         shares the loaded engine, so nothing loads twice) unless ``llm=`` is given."""
         llm = kwargs.pop("llm", None)
-        if kwargs:
-            name = sorted(kwargs)[0]
-            raise InvalidRequestError(f"LocalLLMKitMemory.from_dict() got an unexpected argument {name!r}", param=name)
+        _refuse_unexpected("from_dict", kwargs)
         data = dict(data)
         data.pop("class_name", None)
         llm_settings = data.pop("llm", None)
@@ -138,9 +131,7 @@ class LocalLLMKitMemory(BaseMemory):
     def get(self, input: str | None = None, initial_token_count: int = 0, **kwargs: Any) -> list[ChatMessage]:
         """The history to send; with ``initial_token_count`` (a prompt sent with it), older turns are
         left out of this call until both fit the budget. The system message always stays."""
-        if kwargs:
-            name = sorted(kwargs)[0]
-            raise InvalidRequestError(f"LocalLLMKitMemory.get() got an unexpected argument {name!r}", param=name)
+        _refuse_unexpected("get", kwargs)
         if initial_token_count > self.token_limit:
             raise InvalidRequestError(f"initial_token_count {initial_token_count} exceeds token_limit "
                                       f"{self.token_limit}", param="initial_token_count")
@@ -175,3 +166,10 @@ class LocalLLMKitMemory(BaseMemory):
 def _normalized(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     normalized: list[dict[str, Any]] = normalize_messages(_convert.to_openai_messages(messages))
     return normalized
+
+
+def _refuse_unexpected(method: str, kwargs: dict[str, Any]) -> None:
+    """LlamaIndex passes extra keywords through ``**kwargs``; one we do not take must not vanish."""
+    if kwargs:
+        name = sorted(kwargs)[0]
+        raise InvalidRequestError(f"LocalLLMKitMemory.{method}() got an unexpected argument {name!r}", param=name)
